@@ -1,0 +1,236 @@
+//! The command line: `unionfs mount|umount ...`, and the calling convention
+//! of fuse-overlayfs and mount.fuse (`unionfs [SOURCE] MOUNTPOINT -o ...`)
+//! used by fstab, `mount -t fuse.unionfs` and containers/storage.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{MountRequest, apply_options};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "unionfs",
+    version,
+    about = "Overlay filesystem in userspace: read-only lower layers under one writable upper",
+    long_about = "Overlay filesystem in userspace, with kernel overlayfs semantics and on-disk format.\n\n\
+        Also runs as a mount helper: `unionfs [SOURCE] MOUNTPOINT -o lowerdir=A:B,upperdir=U,workdir=W`\n\
+        (the form used by fstab, `mount -t fuse.unionfs` and podman's overlay.mount_program)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Mount the merged view of the layers on MOUNTPOINT
+    Mount(MountArgs),
+    /// Unmount a unionfs mount and wait for its daemon to exit
+    #[command(alias = "unmount")]
+    Umount(UmountArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// Read-only layers, colon-separated; the leftmost is the topmost
+    #[arg(long, value_name = "DIR[:DIR...]")]
+    pub lower: Option<String>,
+    /// Writable layer; without it the mount is read-only
+    #[arg(long, value_name = "DIR")]
+    pub upper: Option<PathBuf>,
+    /// Work directory on the upper's filesystem
+    /// [default: <parent of upper>/.<upper name>.unionfs-work]
+    #[arg(long, value_name = "DIR")]
+    pub work: Option<PathBuf>,
+    /// Where to mount the merged view
+    pub mountpoint: PathBuf,
+    /// Mount options (lowerdir=, upperdir=, workdir=, ro, volatile, nopassthrough, ...)
+    #[arg(short = 'o', value_name = "OPT[,OPT...]")]
+    pub options: Vec<String>,
+    /// Stay in the foreground instead of returning once mounted
+    #[arg(short = 'f', long)]
+    pub foreground: bool,
+    /// FUSE worker threads [default: one per CPU]
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Log at debug level (RUST_LOG overrides)
+    #[arg(short = 'd', long)]
+    pub debug: bool,
+    /// Write the daemon's log here (a detached daemon has no terminal)
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct UmountArgs {
+    pub mountpoint: PathBuf,
+    /// Detach now even if busy; the daemon exits when the last user goes
+    #[arg(short = 'l', long)]
+    pub lazy: bool,
+    /// Seconds to wait for the daemon to exit
+    #[arg(long, default_value_t = 30)]
+    pub timeout: u64,
+}
+
+impl MountArgs {
+    pub fn into_request(self) -> MountRequest {
+        let mut req = MountRequest::default();
+        for opts in &self.options {
+            apply_options(&mut req, opts);
+        }
+        if let Some(lower) = &self.lower {
+            let mut from_flag = MountRequest::default();
+            apply_options(
+                &mut from_flag,
+                &format!("lowerdir={}", lower.replace(',', "\\,")),
+            );
+            req.lowers = from_flag.lowers;
+        }
+        if self.upper.is_some() {
+            req.upper = self.upper;
+        }
+        if self.work.is_some() {
+            req.work = self.work;
+        }
+        req.mountpoint = self.mountpoint;
+        req.foreground |= self.foreground;
+        req.threads = self.threads.or(req.threads);
+        req.debug |= self.debug;
+        req.log_file = self.log_file;
+        req
+    }
+}
+
+/// What the process was asked to do.
+#[derive(Debug)]
+pub enum Invocation {
+    Mount(MountRequest),
+    Umount(UmountArgs),
+}
+
+/// Whether argv uses the subcommand form (otherwise the mount-helper form).
+fn uses_subcommands(args: &[OsString]) -> bool {
+    match args.get(1).and_then(|a| a.to_str()) {
+        None => true,
+        Some(first) => matches!(
+            first,
+            "mount" | "umount" | "unmount" | "help" | "--help" | "-h" | "--version" | "-V"
+        ),
+    }
+}
+
+/// Parses the mount-helper form: `[SOURCE] MOUNTPOINT` with `-o OPTS`
+/// (also `-oOPTS`), `-f`, `-d` anywhere.
+fn parse_helper_form(args: &[OsString]) -> Result<MountRequest, String> {
+    let mut req = MountRequest::default();
+    let mut positional = Vec::new();
+    let mut iter = args.iter().skip(1);
+    while let Some(arg) = iter.next() {
+        let text = arg.to_string_lossy();
+        match text.as_ref() {
+            "-o" => {
+                let opts = iter.next().ok_or("-o needs an argument")?;
+                apply_options(&mut req, &opts.to_string_lossy());
+            }
+            "-f" | "--foreground" => req.foreground = true,
+            "-d" | "--debug" => req.debug = true,
+            "-s" | "-n" | "-v" | "--" => {}
+            s if s.starts_with("-o") => apply_options(&mut req, &s[2..]),
+            s if s.starts_with('-') => {
+                return Err(format!("unknown flag '{s}' (see unionfs --help)"));
+            }
+            _ => positional.push(PathBuf::from(arg)),
+        }
+    }
+    match positional.len() {
+        1 => req.mountpoint = positional.remove(0),
+        2 => {
+            req.source = Some(positional[0].to_string_lossy().into_owned());
+            req.mountpoint = positional.remove(1);
+        }
+        0 => return Err("no mountpoint given (see unionfs --help)".into()),
+        _ => {
+            return Err(
+                "too many arguments: expected [SOURCE] MOUNTPOINT (see unionfs --help)".into(),
+            );
+        }
+    }
+    Ok(req)
+}
+
+pub fn parse(args: Vec<OsString>) -> Result<Invocation, clap::Error> {
+    if !uses_subcommands(&args) {
+        return parse_helper_form(&args)
+            .map(Invocation::Mount)
+            .map_err(|msg| clap::Error::raw(clap::error::ErrorKind::InvalidValue, msg + "\n"));
+    }
+    let cli = Cli::try_parse_from(args)?;
+    Ok(match cli.command {
+        Command::Mount(m) => Invocation::Mount(m.into_request()),
+        Command::Umount(u) => Invocation::Umount(u),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<OsString> {
+        list.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn subcommand_form() {
+        let Invocation::Mount(req) = parse(args(&[
+            "unionfs", "mount", "--lower", "a:b", "--upper", "u", "/mnt", "-o", "ro",
+        ]))
+        .unwrap() else {
+            panic!("not a mount")
+        };
+        assert_eq!(req.lowers, vec![PathBuf::from("a"), PathBuf::from("b")]);
+        assert_eq!(req.upper, Some(PathBuf::from("u")));
+        assert_eq!(req.mountpoint, PathBuf::from("/mnt"));
+        assert!(req.options.read_only);
+    }
+
+    #[test]
+    fn podman_helper_form() {
+        let Invocation::Mount(req) = parse(args(&[
+            "unionfs",
+            "-o",
+            "lowerdir=l/A:l/B,upperdir=/d/diff,workdir=/d/work,,volatile",
+            "/d/merged",
+        ]))
+        .unwrap() else {
+            panic!("not a mount")
+        };
+        assert_eq!(req.lowers, vec![PathBuf::from("l/A"), PathBuf::from("l/B")]);
+        assert_eq!(req.mountpoint, PathBuf::from("/d/merged"));
+        assert!(req.options.volatile);
+        assert_eq!(req.source, None);
+    }
+
+    #[test]
+    fn mount_fuse_helper_form() {
+        let Invocation::Mount(req) = parse(args(&[
+            "unionfs",
+            "unionfs",
+            "/mnt",
+            "-o",
+            "rw,lowerdir=/a,dev,suid",
+        ]))
+        .unwrap() else {
+            panic!("not a mount")
+        };
+        assert_eq!(req.source.as_deref(), Some("unionfs"));
+        assert_eq!(req.mountpoint, PathBuf::from("/mnt"));
+        assert_eq!(req.lowers, vec![PathBuf::from("/a")]);
+    }
+
+    #[test]
+    fn helper_form_without_mountpoint_is_refused() {
+        assert!(parse(args(&["unionfs", "-o", "lowerdir=/a"])).is_err());
+    }
+}

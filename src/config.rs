@@ -1,0 +1,507 @@
+//! Mount options and their validation: everything that can be refused with a
+//! clear message before anything is mounted.
+
+use std::fmt;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use tracing::warn;
+
+/// A mount as asked for on the command line, paths as given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MountRequest {
+    pub lowers: Vec<PathBuf>,
+    pub upper: Option<PathBuf>,
+    pub work: Option<PathBuf>,
+    pub mountpoint: PathBuf,
+    pub source: Option<String>,
+    pub options: MountOptions,
+    pub foreground: bool,
+    pub threads: Option<usize>,
+    pub debug: bool,
+    pub log_file: Option<PathBuf>,
+}
+
+/// The `-o` options that mean something to unionfs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountOptions {
+    pub read_only: bool,
+    /// Skip fsync during copy-up (podman's `volatile`).
+    pub volatile: bool,
+    pub passthrough: bool,
+    pub nodev: bool,
+    pub nosuid: bool,
+    pub noexec: bool,
+    pub fsname: Option<String>,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            read_only: false,
+            volatile: false,
+            passthrough: true,
+            nodev: false,
+            nosuid: false,
+            noexec: false,
+            fsname: None,
+        }
+    }
+}
+
+/// Options accepted for compatibility (mount(8), fstab, fuse-overlayfs,
+/// kernel overlayfs) that change nothing here.
+const ACCEPTED_NOOPS: &[&str] = &[
+    "rw",
+    "dev",
+    "suid",
+    "exec",
+    "atime",
+    "noatime",
+    "relatime",
+    "strictatime",
+    "nodiratime",
+    "diratime",
+    "lazytime",
+    "async",
+    "sync",
+    "auto",
+    "noauto",
+    "user",
+    "nouser",
+    "users",
+    "defaults",
+    "allow_other",
+    "allow_root",
+    "default_permissions",
+    "userxattr",
+    "nofail",
+    "_netdev",
+    "squash_to_root",
+    "squash_to_uid",
+    "squash_to_gid",
+    "static_nlink",
+    "noacl",
+    "fast_ino",
+    "plugins",
+    "fsync",
+    "xattr_permissions",
+    "timeout",
+    "threaded",
+    "redirect_dir",
+    "index",
+    "metacopy",
+    "xino",
+    "nfs_export",
+    "uuid",
+    "verity",
+    "context",
+    "fscontext",
+    "defcontext",
+    "rootcontext",
+    "uidmapping",
+    "gidmapping",
+    "max_idle_threads",
+];
+
+/// Parses one `-o` argument into the request. Empty and meaningless options
+/// are accepted; unknown ones are logged and ignored, never fatal.
+pub fn apply_options(req: &mut MountRequest, arg: &str) {
+    for opt in split_unescaped(arg, ',') {
+        let (key, value) = match opt.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (opt.as_str(), None),
+        };
+        match (key, value) {
+            ("", _) => {}
+            ("lowerdir", Some(v)) => {
+                req.lowers = split_unescaped(v, ':')
+                    .into_iter()
+                    .filter(|s| !s.is_empty())
+                    .map(PathBuf::from)
+                    .collect()
+            }
+            ("upperdir", Some(v)) => req.upper = Some(PathBuf::from(v)),
+            ("workdir", Some(v)) => req.work = Some(PathBuf::from(v)),
+            ("ro", None) => req.options.read_only = true,
+            ("rw", None) => req.options.read_only = false,
+            ("volatile", None) => req.options.volatile = true,
+            ("passthrough", None) => req.options.passthrough = true,
+            ("nopassthrough", None) => req.options.passthrough = false,
+            ("nodev", None) => req.options.nodev = true,
+            ("nosuid", None) => req.options.nosuid = true,
+            ("noexec", None) => req.options.noexec = true,
+            ("fsname", Some(v)) => req.options.fsname = Some(v.to_string()),
+            ("threads", Some(v)) => match v.parse() {
+                Ok(n) if n > 0 => req.threads = Some(n),
+                _ => warn!(option = %opt, "ignoring bad thread count"),
+            },
+            ("debug", None) => req.debug = true,
+            (k, _) if ACCEPTED_NOOPS.contains(&k) || k.starts_with("x-") => {}
+            _ => warn!(option = %opt, "ignoring unknown mount option"),
+        }
+    }
+}
+
+/// Splits on `sep` except where it is escaped with a backslash.
+fn split_unescaped(s: &str, sep: char) -> Vec<String> {
+    let mut parts = vec![String::new()];
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            if let Some(next) = chars.next() {
+                if next != sep && next != '\\' {
+                    parts.last_mut().unwrap().push('\\');
+                }
+                parts.last_mut().unwrap().push(next);
+            }
+        } else if c == sep {
+            parts.push(String::new());
+        } else {
+            parts.last_mut().unwrap().push(c);
+        }
+    }
+    parts
+}
+
+/// A refused mount, with the message the user sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn refuse<T>(msg: String) -> Result<T, ConfigError> {
+    Err(ConfigError(msg))
+}
+
+/// A mount that passed every check, all paths canonical.
+#[derive(Debug, Clone)]
+pub struct ValidMount {
+    pub lowers: Vec<PathBuf>,
+    pub upper: Option<PathBuf>,
+    pub work: Option<PathBuf>,
+    pub mountpoint: PathBuf,
+    pub fsname: String,
+    pub options: MountOptions,
+    pub foreground: bool,
+    pub threads: usize,
+    pub debug: bool,
+    pub log_file: Option<PathBuf>,
+}
+
+impl ValidMount {
+    /// Without an upper there is nowhere to write.
+    pub fn read_only(&self) -> bool {
+        self.options.read_only || self.upper.is_none()
+    }
+}
+
+fn existing_dir(role: &str, path: &Path) -> Result<PathBuf, ConfigError> {
+    let canonical = match path.canonicalize() {
+        Ok(p) => p,
+        Err(e) => return refuse(format!("{role} '{}': {e}", path.display())),
+    };
+    if !canonical.is_dir() {
+        return refuse(format!("{role} '{}' is not a directory", path.display()));
+    }
+    Ok(canonical)
+}
+
+/// Whether `inner` is `outer` or lies below it.
+fn within(inner: &Path, outer: &Path) -> bool {
+    inner.starts_with(outer)
+}
+
+/// The default work directory: beside the upper, on its filesystem, and
+/// outside both the upper and the merged view.
+pub fn default_work_dir(upper: &Path) -> PathBuf {
+    let name = upper
+        .file_name()
+        .map(|n| n.as_bytes().to_vec())
+        .unwrap_or_else(|| b"root".to_vec());
+    let mut work_name = b".".to_vec();
+    work_name.extend_from_slice(&name);
+    work_name.extend_from_slice(b".unionfs-work");
+    let parent = upper.parent().unwrap_or(Path::new("/"));
+    parent.join(std::ffi::OsStr::from_bytes(&work_name))
+}
+
+pub fn validate(req: &MountRequest) -> Result<ValidMount, ConfigError> {
+    if req.lowers.is_empty() {
+        return refuse("no lower layer given (use --lower A:B:C or -o lowerdir=A:B:C)".into());
+    }
+    let mut lowers = Vec::new();
+    for lower in &req.lowers {
+        lowers.push(existing_dir("lower layer", lower)?);
+    }
+    let mountpoint = existing_dir("mountpoint", &req.mountpoint)?;
+
+    let upper = match &req.upper {
+        Some(u) => {
+            let upper = existing_dir("upper layer", u)?;
+            if !req.options.read_only
+                && let Err(e) = nix::unistd::access(&upper, nix::unistd::AccessFlags::W_OK)
+            {
+                return refuse(format!(
+                    "upper layer '{}' is not writable: {}",
+                    u.display(),
+                    e.desc()
+                ));
+            }
+            Some(upper)
+        }
+        None => None,
+    };
+    if req.work.is_some() && upper.is_none() {
+        return refuse("a work directory needs an upper layer (--upper)".into());
+    }
+
+    for lower in &lowers {
+        if within(lower, &mountpoint) {
+            return refuse(format!(
+                "lower layer '{}' is inside the mountpoint '{}'",
+                lower.display(),
+                mountpoint.display()
+            ));
+        }
+        if within(&mountpoint, lower) {
+            return refuse(format!(
+                "the mountpoint '{}' is inside lower layer '{}'",
+                mountpoint.display(),
+                lower.display()
+            ));
+        }
+    }
+    let work = match &upper {
+        Some(upper) => {
+            check_upper_placement(upper, &lowers, &mountpoint)?;
+            Some(prepare_work_dir(
+                req.work.as_deref(),
+                upper,
+                &lowers,
+                &mountpoint,
+            )?)
+        }
+        None => None,
+    };
+
+    check_fuse_device()?;
+    if mounted_by_unionfs(&mountpoint) {
+        return refuse(format!(
+            "'{}' is already a unionfs mount",
+            mountpoint.display()
+        ));
+    }
+
+    let threads = req.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let fsname = req
+        .options
+        .fsname
+        .clone()
+        .or_else(|| req.source.clone())
+        .unwrap_or_else(|| "unionfs".to_string());
+    Ok(ValidMount {
+        lowers,
+        upper,
+        work,
+        mountpoint,
+        fsname,
+        options: req.options.clone(),
+        foreground: req.foreground,
+        threads,
+        debug: req.debug,
+        log_file: req.log_file.clone(),
+    })
+}
+
+fn check_upper_placement(
+    upper: &Path,
+    lowers: &[PathBuf],
+    mountpoint: &Path,
+) -> Result<(), ConfigError> {
+    if within(upper, mountpoint) {
+        return refuse(format!(
+            "upper layer '{}' is inside the mountpoint '{}'",
+            upper.display(),
+            mountpoint.display()
+        ));
+    }
+    if within(mountpoint, upper) {
+        return refuse(format!(
+            "the mountpoint '{}' is inside upper layer '{}'",
+            mountpoint.display(),
+            upper.display()
+        ));
+    }
+    for lower in lowers {
+        if within(upper, lower) {
+            return refuse(format!(
+                "upper layer '{}' is inside lower layer '{}'",
+                upper.display(),
+                lower.display()
+            ));
+        }
+        if within(lower, upper) {
+            return refuse(format!(
+                "lower layer '{}' is inside upper layer '{}'",
+                lower.display(),
+                upper.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn prepare_work_dir(
+    work: Option<&Path>,
+    upper: &Path,
+    lowers: &[PathBuf],
+    mountpoint: &Path,
+) -> Result<PathBuf, ConfigError> {
+    let explicit = work.is_some();
+    let work = work
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| default_work_dir(upper));
+    if !work.exists()
+        && let Err(e) = fs::create_dir(&work)
+    {
+        return refuse(format!("work directory '{}': {e}", work.display()));
+    }
+    let work = existing_dir("work directory", &work)?;
+    let clash = |what: &str, other: &Path| {
+        refuse(format!(
+            "work directory '{}' and {what} '{}' overlap",
+            work.display(),
+            other.display()
+        ))
+    };
+    if within(&work, upper) || within(upper, &work) {
+        return clash("upper layer", upper);
+    }
+    if within(&work, mountpoint) || within(mountpoint, &work) {
+        return clash("mountpoint", mountpoint);
+    }
+    for lower in lowers {
+        if within(&work, lower) || within(lower, &work) {
+            return clash("lower layer", lower);
+        }
+    }
+    let dev = |p: &Path| fs::metadata(p).map(|m| m.dev()).ok();
+    if dev(&work) != dev(upper) {
+        let how = if explicit {
+            ""
+        } else {
+            " (pass --work on the upper's filesystem)"
+        };
+        return refuse(format!(
+            "work directory '{}' is not on the same filesystem as upper layer '{}'{how}",
+            work.display(),
+            upper.display()
+        ));
+    }
+    Ok(work)
+}
+
+fn check_fuse_device() -> Result<(), ConfigError> {
+    match fs::metadata("/dev/fuse") {
+        Ok(m) if m.file_type().is_char_device() => Ok(()),
+        Ok(_) => refuse("/dev/fuse is not a character device".into()),
+        Err(e) => refuse(format!(
+            "/dev/fuse: {e} (load the fuse module or pass --device /dev/fuse to the container)"
+        )),
+    }
+}
+
+/// Decodes the octal escapes mountinfo uses for spaces and the like.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && let Ok(v) = u8::from_str_radix(&field[i + 1..i + 4], 8)
+        {
+            out.push(v);
+            i += 4;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether `mountpoint` (canonical) carries a unionfs mount now.
+pub fn mounted_by_unionfs(mountpoint: &Path) -> bool {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    info.lines().any(|line| {
+        let mut halves = line.splitn(2, " - ");
+        let (Some(left), Some(right)) = (halves.next(), halves.next()) else {
+            return false;
+        };
+        let target = left.split(' ').nth(4).map(unescape_mountinfo);
+        let fstype = right.split(' ').next();
+        target.as_deref() == mountpoint.to_str() && fstype == Some("fuse.unionfs")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn podman_style_options_parse() {
+        let mut req = MountRequest::default();
+        apply_options(
+            &mut req,
+            "lowerdir=/l/a:/l/b,upperdir=/u,workdir=/w,,volatile,context=\"system_u:object_r\",bogus=1",
+        );
+        assert_eq!(
+            req.lowers,
+            vec![PathBuf::from("/l/a"), PathBuf::from("/l/b")]
+        );
+        assert_eq!(req.upper, Some(PathBuf::from("/u")));
+        assert_eq!(req.work, Some(PathBuf::from("/w")));
+        assert!(req.options.volatile);
+        assert!(!req.options.read_only);
+    }
+
+    #[test]
+    fn escaped_separators_stay_in_paths() {
+        let mut req = MountRequest::default();
+        apply_options(&mut req, r"lowerdir=/a\:b:/c\,d,ro");
+        assert_eq!(
+            req.lowers,
+            vec![PathBuf::from("/a:b"), PathBuf::from("/c,d")]
+        );
+        assert!(req.options.read_only);
+    }
+
+    #[test]
+    fn default_work_dir_sits_beside_the_upper() {
+        assert_eq!(
+            default_work_dir(Path::new("/var/c1/upper")),
+            PathBuf::from("/var/c1/.upper.unionfs-work")
+        );
+    }
+
+    #[test]
+    fn mountinfo_escapes_decode() {
+        assert_eq!(unescape_mountinfo(r"/mnt/a\040b"), "/mnt/a b");
+    }
+}

@@ -1,0 +1,31 @@
+use std::process::ExitCode;
+
+use unionfs::cli::{self, Invocation};
+use unionfs::{config, daemon};
+
+fn main() -> ExitCode {
+    let invocation = match cli::parse(std::env::args_os().collect()) {
+        Ok(invocation) => invocation,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let result = match invocation {
+        Invocation::Mount(request) => config::validate(&request)
+            .map_err(|e| e.to_string())
+            .and_then(daemon::mount),
+        Invocation::Umount(args) => daemon::umount(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("unionfs: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! Open files and open directories, by handle number.
+
+use std::fs::File;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dashmap::DashMap;
+use parking_lot::{Mutex, RwLock};
+
+use super::node::Node;
+use super::readdir::DirEntry;
+
+#[derive(Debug)]
+pub struct OpenFile {
+    pub node: Arc<Node>,
+    pub flags: i32,
+    /// Behind a lock so the write path can swap in the copied-up file.
+    file: RwLock<Arc<File>>,
+}
+
+impl OpenFile {
+    pub fn file(&self) -> Arc<File> {
+        self.file.read().clone()
+    }
+}
+
+#[derive(Debug)]
+pub struct DirHandle {
+    pub node: Arc<Node>,
+    /// The listing snapshot, taken at the first read from offset 0.
+    pub entries: Mutex<Option<Arc<Vec<DirEntry>>>>,
+}
+
+#[derive(Debug, Default)]
+pub struct Handles {
+    next: AtomicU64,
+    files: DashMap<u64, Arc<OpenFile>>,
+    dirs: DashMap<u64, Arc<DirHandle>>,
+}
+
+impl Handles {
+    fn next_id(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    pub fn add_file(&self, node: Arc<Node>, flags: i32, file: File) -> (u64, Arc<OpenFile>) {
+        let fh = self.next_id();
+        let open = Arc::new(OpenFile {
+            node,
+            flags,
+            file: RwLock::new(Arc::new(file)),
+        });
+        self.files.insert(fh, open.clone());
+        (fh, open)
+    }
+
+    pub fn file(&self, fh: u64) -> Option<Arc<OpenFile>> {
+        self.files.get(&fh).map(|f| f.clone())
+    }
+
+    pub fn remove_file(&self, fh: u64) -> Option<Arc<OpenFile>> {
+        self.files.remove(&fh).map(|(_, f)| f)
+    }
+
+    pub fn add_dir(&self, node: Arc<Node>) -> u64 {
+        let fh = self.next_id();
+        self.dirs.insert(
+            fh,
+            Arc::new(DirHandle {
+                node,
+                entries: Mutex::new(None),
+            }),
+        );
+        fh
+    }
+
+    pub fn dir(&self, fh: u64) -> Option<Arc<DirHandle>> {
+        self.dirs.get(&fh).map(|d| d.clone())
+    }
+
+    pub fn remove_dir(&self, fh: u64) {
+        self.dirs.remove(&fh);
+    }
+}

@@ -1,0 +1,480 @@
+//! The overlay core: layers, the node table, the merged lookup cache, and the
+//! operations on the merged tree. It knows nothing of FUSE; the adapter in
+//! `crate::fuse` maps requests onto it.
+
+pub mod attr;
+pub mod error;
+mod files;
+pub mod handles;
+pub mod ino;
+pub mod layer;
+pub mod marker;
+pub mod node;
+pub mod readdir;
+pub mod resolve;
+
+use std::ffi::{CString, OsStr, OsString};
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, readlinkat};
+use nix::sys::stat::{fstat, fstatat};
+use nix::sys::statvfs::{Statvfs, fstatvfs};
+
+use crate::sys::{self, XattrTarget};
+use attr::Attr;
+pub use attr::FileKind;
+use error::SysContext;
+pub use error::{Error, Result};
+pub use handles::{DirHandle, Handles, OpenFile};
+use ino::{InoMapper, ROOT_ID};
+use layer::{Layer, open_beneath};
+use node::{DirStack, Location, Node, NodeState};
+pub use readdir::DirEntry;
+
+/// The layers to stack. `lowers[0]` is the topmost lower.
+#[derive(Debug, Clone)]
+pub struct OverlayConfig {
+    pub lowers: Vec<PathBuf>,
+    pub upper: Option<PathBuf>,
+}
+
+/// A cached answer for (parent node, name).
+#[derive(Debug, Clone, Copy)]
+enum Dentry {
+    Positive(u64),
+    Negative,
+}
+
+/// Negative entries are dropped wholesale past this many, which bounds the
+/// cache when something probes many names that do not exist.
+const MAX_NEGATIVE_DENTRIES: usize = 100_000;
+
+/// Where a node's backing object is: a directory (by its own descriptor) or
+/// an entry `name` in one layer's copy of its parent directory.
+enum Backing {
+    Dir(Arc<DirStack>),
+    Entry {
+        parent: Arc<DirStack>,
+        layer: usize,
+        name: OsString,
+    },
+}
+
+#[derive(Debug)]
+pub struct Overlay {
+    layers: Vec<Layer>,
+    inos: InoMapper,
+    nodes: DashMap<u64, Arc<Node>>,
+    dentries: DashMap<(u64, OsString), Dentry>,
+    negative_dentries: AtomicUsize,
+    /// The root's st_ino (its node id is FUSE's fixed root id).
+    root_ino: u64,
+    pub handles: Handles,
+}
+
+impl Overlay {
+    pub fn new(config: &OverlayConfig) -> Result<Overlay> {
+        if config.lowers.is_empty() {
+            return Err(Error::new(Errno::EINVAL, "no lower layer"));
+        }
+        let mut layers = Vec::new();
+        if let Some(upper) = &config.upper {
+            layers.push(Layer::open(0, upper, true)?);
+        }
+        for lower in &config.lowers {
+            layers.push(Layer::open(layers.len(), lower, false)?);
+        }
+        let devices: Vec<u64> = layers.iter().map(|l| l.dev).collect();
+        let inos = InoMapper::new(&devices);
+
+        let stack = resolve::root_stack(&layers)?;
+        let top = stack.top();
+        let raw = Attr::from_stat(&fstat(top.fd()).sys("fstat root")?);
+        let root_ino = inos.map(raw.dev, raw.ino);
+        let attr = merged_attr(raw, root_ino, stack.is_merged());
+        let root = Node::new(
+            ROOT_ID,
+            Location {
+                parent: None,
+                name: OsString::new(),
+            },
+            NodeState {
+                layer: top.layer,
+                attr,
+                dir: Some(Arc::new(stack)),
+            },
+        );
+        root.add_lookups(1);
+        let nodes = DashMap::new();
+        nodes.insert(ROOT_ID, Arc::new(root));
+        Ok(Overlay {
+            layers,
+            inos,
+            nodes,
+            dentries: DashMap::new(),
+            negative_dentries: AtomicUsize::new(0),
+            root_ino,
+            handles: Handles::default(),
+        })
+    }
+
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    pub fn is_upper(&self, layer: usize) -> bool {
+        self.layers[layer].upper
+    }
+
+    pub fn same_fs(&self) -> bool {
+        self.inos.same_fs()
+    }
+
+    /// Number of nodes the kernel currently holds references to.
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn node(&self, id: u64) -> Result<Arc<Node>> {
+        self.nodes
+            .get(&id)
+            .map(|n| n.clone())
+            .ok_or_else(|| Error::new(Errno::ESTALE, "find node"))
+    }
+
+    /// Resolves `name` in directory `parent` and takes one kernel reference
+    /// on the result. The merged lookup cache answers repeated lookups
+    /// without touching the layers.
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<(Arc<Node>, Attr)> {
+        check_name(name)?;
+        let key = (parent, name.to_os_string());
+        let cached = self.dentries.get(&key).map(|d| *d);
+        match cached {
+            Some(Dentry::Negative) => return Err(Error::new(Errno::ENOENT, "lookup")),
+            Some(Dentry::Positive(id)) => {
+                let hit = self.nodes.get(&id).map(|node| {
+                    // Taken under the table's shard lock, so a concurrent
+                    // forget cannot drop the node between get and increment.
+                    node.add_lookups(1);
+                    node.clone()
+                });
+                if let Some(node) = hit {
+                    let attr = self.node_attr(&node)?;
+                    return Ok((node, attr));
+                }
+            }
+            None => {}
+        }
+        let parent_node = self.node(parent)?;
+        let stack = parent_node.dir_stack()?;
+        let resolved = resolve::resolve_child(&self.layers, &stack, name)
+            .map_err(|e| e.with_path(join(&parent_node.path(), name)))?;
+        let Some(resolved) = resolved else {
+            self.insert_negative(key);
+            return Err(Error::new(Errno::ENOENT, "lookup"));
+        };
+        let node = self.intern(&parent_node, name, resolved);
+        self.dentries.insert(key, Dentry::Positive(node.id));
+        let attr = node.state().attr;
+        Ok((node, attr))
+    }
+
+    fn insert_negative(&self, key: (u64, OsString)) {
+        if self.negative_dentries.fetch_add(1, Ordering::Relaxed) >= MAX_NEGATIVE_DENTRIES {
+            self.dentries
+                .retain(|_, d| matches!(d, Dentry::Positive(_)));
+            self.negative_dentries.store(0, Ordering::Relaxed);
+        }
+        self.dentries.insert(key, Dentry::Negative);
+    }
+
+    /// Finds or creates the node for a resolved name, with one reference.
+    fn intern(&self, parent: &Arc<Node>, name: &OsStr, resolved: resolve::Resolved) -> Arc<Node> {
+        let kind = resolved.attr.kind();
+        let mut id = self.inos.map(resolved.origin.0, resolved.origin.1);
+        loop {
+            match self.nodes.entry(id) {
+                Entry::Occupied(existing) => {
+                    let node = existing.get();
+                    // Hard links share a node; two different directories, or
+                    // objects of different types, never may.
+                    let alias_ok = node.kind == kind
+                        && (kind != FileKind::Directory || node.is_at(parent.id, name));
+                    if alias_ok {
+                        node.add_lookups(1);
+                        return node.clone();
+                    }
+                    drop(existing);
+                    id = self.inos.unique();
+                }
+                Entry::Vacant(slot) => {
+                    let merged = resolved.dir.as_ref().is_some_and(|d| d.is_merged());
+                    let attr = merged_attr(resolved.attr, id, merged);
+                    let node = Arc::new(Node::new(
+                        id,
+                        Location {
+                            parent: Some(parent.clone()),
+                            name: name.to_os_string(),
+                        },
+                        NodeState {
+                            layer: resolved.layer,
+                            attr,
+                            dir: resolved.dir.map(Arc::new),
+                        },
+                    ));
+                    node.add_lookups(1);
+                    slot.insert(node.clone());
+                    return node;
+                }
+            }
+        }
+    }
+
+    /// Drops `n` kernel references to `id`; the node goes when none are left.
+    pub fn forget(&self, id: u64, n: u64) {
+        if id == ROOT_ID {
+            return;
+        }
+        let remaining = match self.nodes.get(&id) {
+            Some(node) => node.sub_lookups(n),
+            None => return,
+        };
+        if remaining > 0 {
+            return;
+        }
+        if let Some((_, node)) = self.nodes.remove_if(&id, |_, node| node.lookups() == 0)
+            && let Some(parent) = node.parent()
+        {
+            self.dentries.remove_if(
+                &(parent.id, node.name()),
+                |_, d| matches!(d, Dentry::Positive(cached) if *cached == id),
+            );
+        }
+    }
+
+    pub fn getattr(&self, id: u64) -> Result<Attr> {
+        let node = self.node(id)?;
+        self.node_attr(&node)
+    }
+
+    /// Lower layers never change while mounted, so their attributes are
+    /// served from the node; upper objects are stat'ed afresh.
+    fn node_attr(&self, node: &Node) -> Result<Attr> {
+        let state = node.state();
+        if !self.layers[state.layer].upper {
+            return Ok(state.attr);
+        }
+        let raw = match self.backing(node)? {
+            Backing::Dir(stack) => fstat(stack.top().fd()).sys("fstat"),
+            Backing::Entry {
+                parent,
+                layer,
+                name,
+            } => {
+                let dir = parent.layer(layer).ok_or_else(|| stale(node))?;
+                fstatat(dir.fd(), name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW).sys("fstatat")
+            }
+        }
+        .map_err(|e| e.with_layer(state.layer).with_path(node.path()))?;
+        let merged = state.dir.as_ref().is_some_and(|d| d.is_merged());
+        let ino = if node.id == ROOT_ID {
+            self.root_ino
+        } else {
+            node.id
+        };
+        let attr = merged_attr(Attr::from_stat(&raw), ino, merged);
+        node.set_attr(attr);
+        Ok(attr)
+    }
+
+    fn backing(&self, node: &Node) -> Result<Backing> {
+        let state = node.state();
+        if let Some(dir) = state.dir {
+            return Ok(Backing::Dir(dir));
+        }
+        let parent = node.parent().ok_or_else(|| stale(node))?;
+        Ok(Backing::Entry {
+            parent: parent.dir_stack()?,
+            layer: state.layer,
+            name: node.name(),
+        })
+    }
+
+    /// Runs `f` with the xattr target naming the node's backing object.
+    fn with_xattr_target<T>(
+        &self,
+        node: &Node,
+        f: impl FnOnce(XattrTarget<'_>) -> std::io::Result<T>,
+        op: &'static str,
+    ) -> Result<T> {
+        let layer = node.state().layer;
+        let result = match self.backing(node)? {
+            Backing::Dir(stack) => f(XattrTarget::Fd(stack.top().fd())),
+            Backing::Entry {
+                parent,
+                layer,
+                name,
+            } => {
+                let dir = parent.layer(layer).ok_or_else(|| stale(node))?;
+                f(XattrTarget::Entry(dir.fd(), &name))
+            }
+        };
+        result
+            .sys(op)
+            .map_err(|e| e.with_layer(layer).with_path(node.path()))
+    }
+
+    pub fn readlink(&self, id: u64) -> Result<OsString> {
+        let node = self.node(id)?;
+        if node.kind != FileKind::Symlink {
+            return Err(Error::new(Errno::EINVAL, "readlink"));
+        }
+        match self.backing(&node)? {
+            Backing::Entry {
+                parent,
+                layer,
+                name,
+            } => {
+                let dir = parent.layer(layer).ok_or_else(|| stale(&node))?;
+                readlinkat(dir.fd(), name.as_os_str())
+                    .sys("readlinkat")
+                    .map_err(|e| e.with_layer(layer).with_path(node.path()))
+            }
+            Backing::Dir(_) => Err(Error::new(Errno::EINVAL, "readlink")),
+        }
+    }
+
+    /// Opens the backing file of a non-directory node.
+    pub fn open_backing(&self, node: &Node, flags: i32) -> Result<File> {
+        if node.kind == FileKind::Directory {
+            return Err(Error::new(Errno::EISDIR, "open"));
+        }
+        let wants_write = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        let layer = node.state().layer;
+        if wants_write && !self.layers[layer].upper {
+            // Copy-up is the write path's job; never open a lower for writing.
+            return Err(Error::new(Errno::EROFS, "open for writing").with_path(node.path()));
+        }
+        let keep = libc::O_ACCMODE | libc::O_APPEND | libc::O_NONBLOCK | libc::O_TRUNC;
+        let oflags = OFlag::from_bits_truncate(flags & keep) | OFlag::O_NOCTTY;
+        match self.backing(node)? {
+            Backing::Entry {
+                parent,
+                layer,
+                name,
+            } => {
+                let dir = parent.layer(layer).ok_or_else(|| stale(node))?;
+                open_beneath(dir.fd(), &name, oflags)
+                    .map(File::from)
+                    .sys("openat2")
+                    .map_err(|e| e.with_layer(layer).with_path(node.path()))
+            }
+            Backing::Dir(_) => Err(Error::new(Errno::EISDIR, "open")),
+        }
+    }
+
+    pub fn getxattr(&self, id: u64, name: &OsStr) -> Result<Vec<u8>> {
+        if marker::is_private_xattr(name.as_bytes()) {
+            return Err(Error::new(Errno::ENODATA, "getxattr"));
+        }
+        let cname =
+            CString::new(name.as_bytes()).map_err(|_| Error::new(Errno::EINVAL, "getxattr"))?;
+        let node = self.node(id)?;
+        self.with_xattr_target(&node, |t| sys::get_xattr(t, &cname), "getxattr")?
+            .ok_or_else(|| Error::new(Errno::ENODATA, "getxattr"))
+    }
+
+    /// The NUL-separated xattr names, overlay-private ones left out.
+    pub fn listxattr(&self, id: u64) -> Result<Vec<u8>> {
+        let node = self.node(id)?;
+        let raw = self.with_xattr_target(&node, sys::list_xattr, "listxattr")?;
+        let mut out = Vec::with_capacity(raw.len());
+        for name in raw.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+            if !marker::is_private_xattr(name) {
+                out.extend_from_slice(name);
+                out.push(0);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Space figures come from the upper (where writes go), else the top lower.
+    pub fn statfs(&self) -> Result<Statvfs> {
+        fstatvfs(self.layers[0].root.as_fd())
+            .sys("fstatvfs")
+            .map_err(|e| e.with_layer(0))
+    }
+}
+
+/// Applies the merged view's rules to a backing object's attributes.
+fn merged_attr(mut attr: Attr, ino: u64, merged_dir: bool) -> Attr {
+    attr.ino = ino;
+    if merged_dir {
+        // As kernel overlayfs: a merged directory's link count is unknown.
+        attr.nlink = 1;
+    }
+    attr
+}
+
+fn check_name(name: &OsStr) -> Result<()> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.contains(&b'/') || bytes == b"." || bytes == b".." {
+        return Err(Error::new(Errno::EINVAL, "lookup"));
+    }
+    if bytes.len() > 255 {
+        return Err(Error::new(Errno::ENAMETOOLONG, "lookup"));
+    }
+    Ok(())
+}
+
+fn stale(node: &Node) -> Error {
+    Error::new(Errno::ESTALE, "locate backing object").with_path(node.path())
+}
+
+fn join(dir: &OsStr, name: &OsStr) -> OsString {
+    let mut path = dir.to_os_string();
+    if !dir.as_bytes().ends_with(b"/") {
+        path.push("/");
+    }
+    path.push(name);
+    path
+}
+
+impl Overlay {
+    /// access(2) against the merged attributes (the kernel normally checks
+    /// permissions itself with default_permissions; this serves callers that
+    /// still ask).
+    pub fn access(&self, id: u64, uid: u32, gid: u32, mask: i32) -> Result<()> {
+        let attr = self.getattr(id)?;
+        if mask == libc::F_OK {
+            return Ok(());
+        }
+        let mode = attr.mode;
+        let allowed = if uid == 0 {
+            // Root may read and write anything; execute needs some x bit.
+            let any_x = mode & 0o111 != 0 || attr.is_dir();
+            libc::R_OK | libc::W_OK | if any_x { libc::X_OK } else { 0 }
+        } else {
+            let bits = if attr.uid == uid {
+                mode >> 6
+            } else if attr.gid == gid {
+                mode >> 3
+            } else {
+                mode
+            };
+            (bits & 0o7) as i32
+        };
+        if mask & !allowed != 0 {
+            return Err(Error::new(Errno::EACCES, "access"));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,219 @@
+//! Nodes of the merged tree: what the kernel knows by a node id. A directory
+//! node holds a descriptor for each layer that contributes to it; any other
+//! node is found again through its parent and name, so walking a huge tree
+//! does not pin one descriptor per file.
+
+use std::collections::HashSet;
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use nix::fcntl::OFlag;
+use parking_lot::RwLock;
+
+use super::attr::{Attr, FileKind};
+use super::error::{Error, Result, SysContext};
+use super::layer::open_beneath;
+use super::marker::{self, DirMarks, OciName};
+
+/// One layer's directory inside a merged directory.
+#[derive(Debug)]
+pub struct DirLayer {
+    pub layer: usize,
+    pub fd: OwnedFd,
+    pub marks: DirMarks,
+    /// Whether OCI `.wh.` names count here (lower layers only).
+    pub oci: bool,
+    /// The names this directory whites out with OCI `.wh.NAME` entries, read
+    /// once on the first lookup that misses here (lower layers never change).
+    oci_whiteouts: OnceLock<HashSet<OsString>>,
+}
+
+impl DirLayer {
+    pub fn new(layer: usize, fd: OwnedFd, marks: DirMarks, oci: bool) -> DirLayer {
+        DirLayer {
+            layer,
+            fd,
+            marks,
+            oci,
+            oci_whiteouts: OnceLock::new(),
+        }
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Whether an OCI whiteout here hides `name` from the layers below.
+    pub fn oci_hides(&self, name: &OsStr) -> Result<bool> {
+        if !self.oci {
+            return Ok(false);
+        }
+        if let Some(set) = self.oci_whiteouts.get() {
+            return Ok(set.contains(name));
+        }
+        let mut set = HashSet::new();
+        for entry in self.read_entries()? {
+            if let OciName::Whiteout(target) = marker::oci_name(&entry.0) {
+                set.insert(target.to_os_string());
+            }
+        }
+        let set = self.oci_whiteouts.get_or_init(|| set);
+        Ok(set.contains(name))
+    }
+
+    /// The raw entries of this layer's directory: (name, inode, type if known).
+    pub fn read_entries(&self) -> Result<Vec<(OsString, u64, Option<FileKind>)>> {
+        let fd = open_beneath(
+            self.fd(),
+            OsStr::new("."),
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+        )
+        .sys("open directory")?;
+        let mut dir = nix::dir::Dir::from_fd(fd).sys("fdopendir")?;
+        let mut entries = Vec::new();
+        for entry in dir.iter() {
+            let entry = entry.sys("getdents")?;
+            let name = entry.file_name().to_bytes();
+            if name == b"." || name == b".." {
+                continue;
+            }
+            entries.push((
+                OsStr::from_bytes(name).to_os_string(),
+                entry.ino(),
+                entry.file_type().map(FileKind::from_dir_type),
+            ));
+        }
+        Ok(entries)
+    }
+}
+
+/// The layers of a merged directory, topmost first. Layers below an opaque
+/// directory, a whiteout or a non-directory are not in it.
+#[derive(Debug)]
+pub struct DirStack {
+    pub layers: Vec<DirLayer>,
+}
+
+impl DirStack {
+    pub fn top(&self) -> &DirLayer {
+        &self.layers[0]
+    }
+
+    pub fn layer(&self, layer: usize) -> Option<&DirLayer> {
+        self.layers.iter().find(|l| l.layer == layer)
+    }
+
+    /// A directory is "merged" when more than one layer contributes to it.
+    pub fn is_merged(&self) -> bool {
+        self.layers.len() > 1
+    }
+}
+
+#[derive(Debug)]
+pub struct Location {
+    pub parent: Option<Arc<Node>>,
+    pub name: OsString,
+}
+
+/// Where a node's data lives now.
+#[derive(Debug, Clone)]
+pub struct NodeState {
+    /// Index of the topmost layer holding the object.
+    pub layer: usize,
+    /// Attributes as of the last stat (merged ino and nlink already applied).
+    pub attr: Attr,
+    pub dir: Option<Arc<DirStack>>,
+}
+
+#[derive(Debug)]
+pub struct Node {
+    pub id: u64,
+    pub kind: FileKind,
+    lookups: AtomicU64,
+    loc: RwLock<Location>,
+    state: RwLock<NodeState>,
+}
+
+impl Node {
+    pub fn new(id: u64, loc: Location, state: NodeState) -> Node {
+        Node {
+            id,
+            kind: state.attr.kind(),
+            lookups: AtomicU64::new(0),
+            loc: RwLock::new(loc),
+            state: RwLock::new(state),
+        }
+    }
+
+    pub fn state(&self) -> NodeState {
+        self.state.read().clone()
+    }
+
+    pub fn set_attr(&self, attr: Attr) {
+        self.state.write().attr = attr;
+    }
+
+    pub fn dir_stack(&self) -> Result<Arc<DirStack>> {
+        self.state
+            .read()
+            .dir
+            .clone()
+            .ok_or_else(|| Error::new(nix::errno::Errno::ENOTDIR, "lookup").with_path(self.path()))
+    }
+
+    pub fn parent(&self) -> Option<Arc<Node>> {
+        self.loc.read().parent.clone()
+    }
+
+    pub fn name(&self) -> OsString {
+        self.loc.read().name.clone()
+    }
+
+    pub fn is_at(&self, parent: u64, name: &OsStr) -> bool {
+        let loc = self.loc.read();
+        loc.parent.as_ref().map(|p| p.id) == Some(parent) && loc.name == name
+    }
+
+    /// The path inside the merged tree, for messages.
+    pub fn path(&self) -> OsString {
+        let mut parts = Vec::new();
+        let mut next = Some((self.parent(), self.name()));
+        while let Some((parent, name)) = next {
+            if parent.is_none() {
+                break;
+            }
+            parts.push(name);
+            next = parent.map(|p| (p.parent(), p.name()));
+        }
+        let mut path = OsString::from("/");
+        for (i, part) in parts.iter().rev().enumerate() {
+            if i > 0 {
+                path.push("/");
+            }
+            path.push(part);
+        }
+        path
+    }
+
+    pub fn add_lookups(&self, n: u64) {
+        self.lookups.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Drops `n` kernel references; returns the count left.
+    pub fn sub_lookups(&self, n: u64) -> u64 {
+        let prev = self
+            .lookups
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                Some(v.saturating_sub(n))
+            })
+            .unwrap_or(0);
+        prev.saturating_sub(n)
+    }
+
+    pub fn lookups(&self) -> u64 {
+        self.lookups.load(Ordering::Acquire)
+    }
+}

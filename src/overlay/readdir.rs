@@ -1,0 +1,180 @@
+//! The merged listing of a directory: the union of its layers, topmost first,
+//! each name once, whiteouts and opaque directories honoured. The listing is
+//! a snapshot taken when a reader starts (or rewinds), so offsets into it are
+//! stable however the directory changes meanwhile.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+
+use nix::fcntl::AtFlags;
+use nix::sys::stat::fstatat;
+
+use super::attr::{Attr, FileKind};
+use super::error::{Result, SysContext};
+use super::marker::{self, OciName};
+use super::node::{DirLayer, Node};
+use super::{Dentry, Overlay, resolve};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: OsString,
+    /// Equal to the st_ino that a lookup of the name reports.
+    pub ino: u64,
+    pub kind: FileKind,
+}
+
+/// What the layers seen so far say about one name.
+enum Seen {
+    Hidden,
+    Visible(usize),
+}
+
+struct Pending {
+    name: OsString,
+    kind: FileKind,
+    top_layer: usize,
+    top_ino: u64,
+    /// For a directory: whether lower layers still merge into it.
+    merge_open: bool,
+    /// For a directory: its topmost lower-layer copy (layer, ino).
+    first_lower: Option<(usize, u64)>,
+}
+
+impl Overlay {
+    pub fn merged_entries(&self, node: &Node) -> Result<Vec<DirEntry>> {
+        let stack = node.dir_stack()?;
+        let mut seen: HashMap<OsString, Seen> = HashMap::new();
+        let mut pending: Vec<Pending> = Vec::new();
+        for dl in &stack.layers {
+            self.merge_layer(dl, &mut seen, &mut pending)
+                .map_err(|e| e.with_layer(dl.layer).with_path(node.path()))?;
+        }
+
+        let parent_id = node.parent().map(|p| p.id).unwrap_or(node.id);
+        let mut out = Vec::with_capacity(pending.len() + 2);
+        out.push(DirEntry {
+            name: OsString::from("."),
+            ino: node.state().attr.ino,
+            kind: FileKind::Directory,
+        });
+        out.push(DirEntry {
+            name: OsString::from(".."),
+            ino: self
+                .nodes
+                .get(&parent_id)
+                .map(|p| p.state().attr.ino)
+                .unwrap_or(parent_id),
+            kind: FileKind::Directory,
+        });
+        for p in pending {
+            let ino = self.entry_ino(node.id, &stack, &p)?;
+            out.push(DirEntry {
+                name: p.name,
+                ino,
+                kind: p.kind,
+            });
+        }
+        Ok(out)
+    }
+
+    fn merge_layer(
+        &self,
+        dl: &DirLayer,
+        seen: &mut HashMap<OsString, Seen>,
+        pending: &mut Vec<Pending>,
+    ) -> Result<()> {
+        let upper = self.layers[dl.layer].upper;
+        let mut oci_whiteouts = Vec::new();
+        for (name, ino, kind) in dl.read_entries()? {
+            if dl.oci {
+                match marker::oci_name(&name) {
+                    OciName::Plain => {}
+                    OciName::Whiteout(target) => {
+                        oci_whiteouts.push(target.to_os_string());
+                        continue;
+                    }
+                    OciName::Opaque | OciName::Meta => continue,
+                }
+            }
+            let (kind, whiteout) = classify(dl, &name, kind)?;
+            match seen.get(&name) {
+                None if whiteout => {
+                    seen.insert(name, Seen::Hidden);
+                }
+                None => {
+                    seen.insert(name.clone(), Seen::Visible(pending.len()));
+                    pending.push(Pending {
+                        name,
+                        kind,
+                        top_layer: dl.layer,
+                        top_ino: ino,
+                        merge_open: kind == FileKind::Directory,
+                        first_lower: None,
+                    });
+                }
+                Some(Seen::Hidden) => {}
+                Some(Seen::Visible(i)) => {
+                    let p = &mut pending[*i];
+                    if !p.merge_open {
+                        continue;
+                    }
+                    if whiteout || kind != FileKind::Directory {
+                        p.merge_open = false;
+                    } else if p.first_lower.is_none() && !upper {
+                        p.first_lower = Some((dl.layer, ino));
+                    }
+                }
+            }
+        }
+        // An OCI whiteout hides its name in the layers below only; a name the
+        // same layer holds stays visible.
+        for target in oci_whiteouts {
+            match seen.get(&target) {
+                None => {
+                    seen.insert(target, Seen::Hidden);
+                }
+                Some(Seen::Visible(i)) => pending[*i].merge_open = false,
+                Some(Seen::Hidden) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The inode number a lookup of the entry would report, found without a
+    /// full lookup: a live node's id, else the mapped backing number (for a
+    /// merged directory, that of its topmost lower copy).
+    fn entry_ino(&self, dir_id: u64, stack: &super::node::DirStack, p: &Pending) -> Result<u64> {
+        if let Some(Dentry::Positive(id)) = self.dentries.get(&(dir_id, p.name.clone())).map(|d| *d)
+            && self.nodes.contains_key(&id)
+        {
+            return Ok(id);
+        }
+        let mut origin = (p.top_layer, p.top_ino);
+        if let Some(lower) = p.first_lower {
+            // The upper copy decides whether the lower one merges in.
+            let top = stack
+                .layer(p.top_layer)
+                .expect("entry came from this stack");
+            let child = resolve::open_dir_layer(&self.layers, top, &p.name)?;
+            if !child.marks.opaque {
+                origin = lower;
+            }
+        }
+        Ok(self.inos.map(self.layers[origin.0].dev, origin.1))
+    }
+}
+
+/// The entry's type, and whether it is a kernel-format whiteout.
+fn classify(dl: &DirLayer, name: &OsStr, kind: Option<FileKind>) -> Result<(FileKind, bool)> {
+    let needs_stat = match kind {
+        None | Some(FileKind::CharDevice) => true,
+        Some(FileKind::Regular) => dl.marks.xwhiteouts,
+        Some(_) => false,
+    };
+    if !needs_stat {
+        return Ok((kind.unwrap_or(FileKind::Regular), false));
+    }
+    let st = fstatat(dl.fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW).sys("fstatat")?;
+    let attr = Attr::from_stat(&st);
+    Ok((attr.kind(), resolve::is_whiteout(dl, name, &attr)?))
+}

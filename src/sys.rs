@@ -1,0 +1,194 @@
+//! The raw system calls that nix does not wrap safely. This is the only module
+//! with `unsafe`; everything else goes through the safe functions here or nix.
+
+use std::ffi::{CStr, CString, OsStr};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
+
+use nix::errno::Errno;
+
+/// Names an object for the xattr calls, which have no `*at` form that takes an
+/// `O_PATH` descriptor: either the object an fd refers to, or the entry `name`
+/// inside the directory fd (never following a symlink at `name`).
+#[derive(Clone, Copy)]
+pub enum XattrTarget<'a> {
+    Fd(BorrowedFd<'a>),
+    Entry(BorrowedFd<'a>, &'a OsStr),
+}
+
+impl XattrTarget<'_> {
+    /// Paths through /proc/self/fd reach the object without walking any path
+    /// inside the layer: the directory is pinned by its descriptor and `name`
+    /// is a single component that the `l*` calls do not follow.
+    fn proc_path(&self) -> io::Result<(CString, bool)> {
+        let mut path = format!("/proc/self/fd/{}", self.fd().as_raw_fd()).into_bytes();
+        let follow = match self {
+            XattrTarget::Fd(_) => true,
+            XattrTarget::Entry(_, name) => {
+                path.push(b'/');
+                path.extend_from_slice(name.as_bytes());
+                false
+            }
+        };
+        let path = CString::new(path).map_err(|_| io::Error::from(Errno::EINVAL))?;
+        Ok((path, follow))
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            XattrTarget::Fd(fd) | XattrTarget::Entry(fd, _) => *fd,
+        }
+    }
+}
+
+fn retry_on_erange(mut call: impl FnMut(&mut [u8]) -> isize) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    loop {
+        let probe = call(&mut []);
+        if probe < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        buf.resize(probe as usize, 0);
+        if buf.is_empty() {
+            return Ok(buf);
+        }
+        let got = call(&mut buf);
+        if got >= 0 {
+            buf.truncate(got as usize);
+            return Ok(buf);
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::ERANGE) {
+            return Err(err);
+        }
+    }
+}
+
+/// Reads one extended attribute; `Ok(None)` when the object does not have it.
+pub fn get_xattr(target: XattrTarget<'_>, name: &CStr) -> io::Result<Option<Vec<u8>>> {
+    let (path, follow) = target.proc_path()?;
+    let result = retry_on_erange(|buf| {
+        // SAFETY: `path` and `name` are valid NUL-terminated strings and `buf`
+        // is a valid writable region of `buf.len()` bytes (a null pointer with
+        // length 0 asks only for the size).
+        unsafe {
+            let ptr = if buf.is_empty() {
+                std::ptr::null_mut()
+            } else {
+                buf.as_mut_ptr().cast()
+            };
+            if follow {
+                libc::getxattr(path.as_ptr(), name.as_ptr(), ptr, buf.len())
+            } else {
+                libc::lgetxattr(path.as_ptr(), name.as_ptr(), ptr, buf.len())
+            }
+        }
+    });
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Lists extended attribute names as the kernel returns them (NUL separated).
+pub fn list_xattr(target: XattrTarget<'_>) -> io::Result<Vec<u8>> {
+    let (path, follow) = target.proc_path()?;
+    retry_on_erange(|buf| {
+        // SAFETY: as in `get_xattr`: valid C string and a buffer of the given length.
+        unsafe {
+            let ptr = if buf.is_empty() {
+                std::ptr::null_mut()
+            } else {
+                buf.as_mut_ptr().cast()
+            };
+            if follow {
+                libc::listxattr(path.as_ptr(), ptr, buf.len())
+            } else {
+                libc::llistxattr(path.as_ptr(), ptr, buf.len())
+            }
+        }
+    })
+}
+
+/// Sets one extended attribute (flags: 0, `XATTR_CREATE` or `XATTR_REPLACE`).
+pub fn set_xattr(target: XattrTarget<'_>, name: &CStr, value: &[u8], flags: i32) -> io::Result<()> {
+    let (path, follow) = target.proc_path()?;
+    // SAFETY: valid C strings; `value` is a readable region of `value.len()` bytes.
+    let rc = unsafe {
+        if follow {
+            libc::setxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                flags,
+            )
+        } else {
+            libc::lsetxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                flags,
+            )
+        }
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Removes one extended attribute.
+pub fn remove_xattr(target: XattrTarget<'_>, name: &CStr) -> io::Result<()> {
+    let (path, follow) = target.proc_path()?;
+    // SAFETY: valid NUL-terminated strings.
+    let rc = unsafe {
+        if follow {
+            libc::removexattr(path.as_ptr(), name.as_ptr())
+        } else {
+            libc::lremovexattr(path.as_ptr(), name.as_ptr())
+        }
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The two sides of `fork`.
+pub enum Forked {
+    Parent(nix::unistd::Pid),
+    Child,
+}
+
+/// Forks the process. Call it only while the process has one thread (before
+/// the FUSE session or any worker starts), so the child inherits no lock held
+/// by a thread that does not exist in it.
+pub fn fork_single_threaded() -> io::Result<Forked> {
+    // SAFETY: callers fork before any other thread is started (see above), so
+    // the child may run arbitrary code, not just async-signal-safe functions.
+    match unsafe { nix::unistd::fork() }? {
+        nix::unistd::ForkResult::Parent { child } => Ok(Forked::Parent(child)),
+        nix::unistd::ForkResult::Child => Ok(Forked::Child),
+    }
+}
+
+/// Clones a file's extents into another (reflink) where the filesystem can.
+pub fn ficlone(dest: impl AsFd, src: impl AsFd) -> io::Result<()> {
+    // SAFETY: FICLONE takes the source descriptor as its integer argument and
+    // reads no memory from us.
+    let rc = unsafe {
+        libc::ioctl(
+            dest.as_fd().as_raw_fd(),
+            libc::FICLONE as _,
+            src.as_fd().as_raw_fd(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
