@@ -250,7 +250,8 @@ fn detach_stdio() {
     }
 }
 
-fn pid_file_for(mountpoint: &Path) -> PathBuf {
+/// Where the daemon serving `mountpoint` (canonical) records its pid.
+pub fn pid_file_for(mountpoint: &Path) -> PathBuf {
     // FNV-1a of the canonical path: stable, short, and free of slashes.
     let mut hash: u64 = 0xcbf29ce484222325;
     for b in mountpoint.as_os_str().as_encoded_bytes() {

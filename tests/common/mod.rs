@@ -1,0 +1,449 @@
+//! Test harness: builds layer trees in a temporary directory, mounts unionfs
+//! (and kernel overlayfs for comparison) for real, and always unmounts in
+//! Drop. Every wait has a deadline so a broken mount fails a test instead of
+//! hanging CI.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_unionfs");
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs a command with a deadline; kills it if it does not finish. Output
+/// is drained by threads so a chatty command cannot block on a full pipe.
+pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = pipe.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    run_with_timeout(cmd, COMMAND_TIMEOUT)
+}
+
+/// Runs a command that must succeed.
+pub fn sh(cmd: &mut Command) -> Output {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn fs_type_at(path: &Path) -> Option<String> {
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let path = path.to_str()?;
+    info.lines().rev().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        (left.split(' ').nth(4)? == path).then(|| right.split(' ').next().unwrap().to_string())
+    })
+}
+
+pub fn is_mounted(path: &Path) -> bool {
+    fs_type_at(path).is_some()
+}
+
+/// A scratch directory holding layers and mountpoints.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        // Under the build tree, not /tmp: layers must sit on the same
+        // filesystem as the upper for kernel comparisons, and /tmp may be tmpfs.
+        let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        fs::create_dir_all(base).unwrap();
+        Scratch {
+            dir: tempfile::Builder::new()
+                .prefix("unionfs-test-")
+                .tempdir_in(base)
+                .unwrap(),
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Creates (if needed) and returns a directory.
+    pub fn mkdir(&self, rel: &str) -> PathBuf {
+        let p = self.path(rel);
+        fs::create_dir_all(&p).unwrap();
+        p
+    }
+}
+
+/// Helpers for writing layer contents.
+pub fn write(path: impl AsRef<Path>, content: &[u8]) {
+    let path = path.as_ref();
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).unwrap();
+    }
+    fs::write(path, content).unwrap();
+}
+
+pub fn symlink(target: &str, link: impl AsRef<Path>) {
+    std::os::unix::fs::symlink(target, link).unwrap();
+}
+
+pub fn chardev_whiteout(path: impl AsRef<Path>) {
+    nix::sys::stat::mknod(
+        path.as_ref(),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::empty(),
+        0,
+    )
+    .unwrap();
+}
+
+pub fn set_xattr(path: impl AsRef<Path>, name: &str, value: &str) {
+    sh(Command::new("setfattr")
+        .args(["-h", "-n", name, "-v", value])
+        .arg(path.as_ref()));
+}
+
+pub fn chmod(path: impl AsRef<Path>, mode: u32) {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A unionfs mount, unmounted on drop.
+pub struct UnionMount {
+    pub mountpoint: PathBuf,
+}
+
+impl UnionMount {
+    /// `unionfs mount --lower .. [--upper ..] MP [extra...]`; panics on failure.
+    pub fn mount(
+        lowers: &[&Path],
+        upper: Option<&Path>,
+        mountpoint: &Path,
+        extra: &[&str],
+    ) -> UnionMount {
+        let (out, mount) = try_mount(lowers, upper, mountpoint, extra);
+        mount.unwrap_or_else(|| {
+            panic!(
+                "unionfs mount failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    /// Takes charge of a mount started some other way.
+    pub fn adopt(mountpoint: &Path) -> UnionMount {
+        let mountpoint = mountpoint.canonicalize().unwrap();
+        wait_until(|| fs_type_at(&mountpoint).as_deref() == Some("fuse.unionfs"));
+        UnionMount { mountpoint }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mountpoint.join(rel)
+    }
+
+    /// The daemon serving this mount (from its pid file).
+    pub fn daemon_pid(&self) -> Option<i32> {
+        let pid_file = unionfs::daemon::pid_file_for(&self.mountpoint);
+        fs::read_to_string(pid_file).ok()?.trim().parse().ok()
+    }
+
+    pub fn unmount(&mut self) {
+        if !is_mounted(&self.mountpoint) {
+            return;
+        }
+        let out = run_with_timeout(
+            Command::new(BIN)
+                .arg("umount")
+                .arg(&self.mountpoint)
+                .args(["--timeout", "20"]),
+            Duration::from_secs(30),
+        );
+        if !out.status.success() || is_mounted(&self.mountpoint) {
+            eprintln!(
+                "unionfs umount failed ({}); detaching lazily",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+impl Drop for UnionMount {
+    fn drop(&mut self) {
+        self.unmount();
+    }
+}
+
+/// Runs `unionfs mount`; a mount it made is returned so that it is released.
+pub fn try_mount(
+    lowers: &[&Path],
+    upper: Option<&Path>,
+    mountpoint: &Path,
+    extra: &[&str],
+) -> (Output, Option<UnionMount>) {
+    let lower_arg: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
+    let mut cmd = Command::new(BIN);
+    cmd.arg("mount").arg("--lower").arg(lower_arg.join(":"));
+    if let Some(upper) = upper {
+        cmd.arg("--upper").arg(upper);
+    }
+    cmd.arg(mountpoint).args(extra);
+    let out = run(&mut cmd);
+    let mount = out.status.success().then(|| UnionMount::adopt(mountpoint));
+    (out, mount)
+}
+
+/// A kernel overlayfs mount of the same layers, unmounted on drop.
+pub struct KernelMount {
+    pub mountpoint: PathBuf,
+}
+
+impl KernelMount {
+    pub fn mount(
+        lowers: &[&Path],
+        upper: Option<(&Path, &Path)>,
+        mountpoint: &Path,
+        extra: &str,
+    ) -> KernelMount {
+        let lower: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
+        let mut opts = format!("lowerdir={}", lower.join(":"));
+        if let Some((upper, work)) = upper {
+            opts.push_str(&format!(
+                ",upperdir={},workdir={}",
+                upper.display(),
+                work.display()
+            ));
+        }
+        if !extra.is_empty() {
+            opts.push(',');
+            opts.push_str(extra);
+        }
+        sh(Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o", &opts])
+            .arg(mountpoint));
+        KernelMount {
+            mountpoint: mountpoint.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for KernelMount {
+    fn drop(&mut self) {
+        if nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::empty()).is_err() {
+            let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+pub fn wait_until(mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "condition not met within 20s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// What the comparison looks at for each object of a tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryInfo {
+    pub kind: &'static str,
+    pub mode: u32,
+    pub size: u64,
+    pub nlink: u64,
+    pub content: Option<Vec<u8>>,
+    pub link_target: Option<OsString>,
+    pub user_xattrs: BTreeMap<String, Vec<u8>>,
+}
+
+fn kind_name(ft: fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_dir() {
+        "dir"
+    } else if ft.is_symlink() {
+        "symlink"
+    } else if ft.is_file() {
+        "file"
+    } else if ft.is_fifo() {
+        "fifo"
+    } else if ft.is_socket() {
+        "socket"
+    } else if ft.is_char_device() {
+        "chardev"
+    } else {
+        "blockdev"
+    }
+}
+
+pub fn user_xattrs(path: &Path) -> BTreeMap<String, Vec<u8>> {
+    let out = run(Command::new("getfattr")
+        .args(["-h", "-d", "-e", "hex", "-m", "^user\\."])
+        .arg(path));
+    let mut map = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Some((k, v)) = line.split_once('=') {
+            map.insert(k.to_string(), v.as_bytes().to_vec());
+        }
+    }
+    map
+}
+
+/// Walks a tree (without following symlinks) and records every object.
+pub fn snapshot(root: &Path) -> BTreeMap<PathBuf, EntryInfo> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let path = root.join(&rel);
+        let meta = fs::symlink_metadata(&path).unwrap_or_else(|e| panic!("stat {path:?}: {e}"));
+        let kind = kind_name(meta.file_type());
+        let content = if meta.is_file() {
+            let mut buf = Vec::new();
+            fs::File::open(&path)
+                .unwrap()
+                .read_to_end(&mut buf)
+                .unwrap();
+            Some(buf)
+        } else {
+            None
+        };
+        let link_target = meta
+            .file_type()
+            .is_symlink()
+            .then(|| fs::read_link(&path).unwrap().into_os_string());
+        out.insert(
+            rel.clone(),
+            EntryInfo {
+                kind,
+                mode: meta.mode(),
+                size: if meta.is_dir() { 0 } else { meta.size() },
+                nlink: meta.nlink(),
+                content,
+                link_target,
+                user_xattrs: user_xattrs(&path),
+            },
+        );
+        if meta.is_dir() {
+            for entry in fs::read_dir(&path).unwrap() {
+                stack.push(rel.join(entry.unwrap().file_name()));
+            }
+        }
+    }
+    out
+}
+
+/// Inode numbers of every object, and the d_ino readdir gave for it.
+pub fn inode_numbers(root: &Path) -> BTreeMap<PathBuf, (u64, u64)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let path = root.join(&rel);
+        if fs::symlink_metadata(&path).unwrap().is_dir() {
+            for entry in fs::read_dir(&path).unwrap() {
+                let entry = entry.unwrap();
+                let child = rel.join(entry.file_name());
+                let st_ino = fs::symlink_metadata(root.join(&child)).unwrap().ino();
+                out.insert(
+                    child.clone(),
+                    (st_ino, std::os::unix::fs::DirEntryExt::ino(&entry)),
+                );
+                stack.push(child);
+            }
+        }
+    }
+    out
+}
+
+/// Differences between two snapshots, one line each.
+pub fn diff_trees(
+    left_name: &str,
+    left: &BTreeMap<PathBuf, EntryInfo>,
+    right_name: &str,
+    right: &BTreeMap<PathBuf, EntryInfo>,
+) -> Vec<String> {
+    let mut diffs = Vec::new();
+    for (path, l) in left {
+        match right.get(path) {
+            None => diffs.push(format!("{path:?}: only in {left_name}")),
+            Some(r) if r != l => diffs.push(format!(
+                "{path:?}: {left_name} {:?} != {right_name} {:?}",
+                summarize(l),
+                summarize(r)
+            )),
+            _ => {}
+        }
+    }
+    for path in right.keys() {
+        if !left.contains_key(path) {
+            diffs.push(format!("{path:?}: only in {right_name}"));
+        }
+    }
+    diffs
+}
+
+fn summarize(e: &EntryInfo) -> String {
+    format!(
+        "{} mode={:o} size={} nlink={} link={:?} xattrs={:?} content_len={:?}",
+        e.kind,
+        e.mode,
+        e.size,
+        e.nlink,
+        e.link_target,
+        e.user_xattrs,
+        e.content.as_ref().map(|c| c.len())
+    )
+}
+
+pub fn assert_same_tree(a_name: &str, a: &Path, b_name: &str, b: &Path) {
+    let diffs = diff_trees(a_name, &snapshot(a), b_name, &snapshot(b));
+    assert!(diffs.is_empty(), "trees differ:\n{}", diffs.join("\n"));
+}
+
+/// A checksum of every byte and attribute under a layer, to prove a layer
+/// was left untouched.
+pub fn layer_digest(root: &Path) -> String {
+    let out = sh(Command::new("sh").arg("-c").arg(format!(
+        "cd '{}' && find . -printf '%p %y %m %s %n %U %G %T@ %l\\n' | LC_ALL=C sort | md5sum && \
+         find . -type f -print0 | LC_ALL=C sort -z | xargs -0 -r md5sum | md5sum && \
+         getfattr -R -h -d -m - -e hex . 2>/dev/null | md5sum",
+        root.display()
+    )));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
