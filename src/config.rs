@@ -280,6 +280,13 @@ pub fn validate(req: &MountRequest) -> Result<ValidMount, ConfigError> {
             ));
         }
     }
+    check_fuse_device()?;
+    if mounted_by_unionfs(&mountpoint) {
+        return refuse(format!(
+            "'{}' is already a unionfs mount",
+            mountpoint.display()
+        ));
+    }
     let work = match &upper {
         Some(upper) => {
             check_upper_placement(upper, &lowers, &mountpoint)?;
@@ -292,14 +299,6 @@ pub fn validate(req: &MountRequest) -> Result<ValidMount, ConfigError> {
         }
         None => None,
     };
-
-    check_fuse_device()?;
-    if mounted_by_unionfs(&mountpoint) {
-        return refuse(format!(
-            "'{}' is already a unionfs mount",
-            mountpoint.display()
-        ));
-    }
 
     let threads = req.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
@@ -374,12 +373,16 @@ fn prepare_work_dir(
     let work = work
         .map(Path::to_path_buf)
         .unwrap_or_else(|| default_work_dir(upper));
-    if !work.exists()
-        && let Err(e) = fs::create_dir(&work)
-    {
-        return refuse(format!("work directory '{}': {e}", work.display()));
-    }
-    let work = existing_dir("work directory", &work)?;
+    // Resolve where it would be before creating anything: a work dir that
+    // overlaps a layer must be refused without touching the layer.
+    let work = match (work.canonicalize(), work.parent(), work.file_name()) {
+        (Ok(existing), _, _) => existing,
+        (Err(_), Some(parent), Some(name)) => match parent.canonicalize() {
+            Ok(parent) => parent.join(name),
+            Err(e) => return refuse(format!("work directory '{}': {e}", work.display())),
+        },
+        (Err(e), _, _) => return refuse(format!("work directory '{}': {e}", work.display())),
+    };
     let clash = |what: &str, other: &Path| {
         refuse(format!(
             "work directory '{}' and {what} '{}' overlap",
@@ -397,6 +400,17 @@ fn prepare_work_dir(
         if within(&work, lower) || within(lower, &work) {
             return clash("lower layer", lower);
         }
+    }
+    if !work.exists()
+        && let Err(e) = fs::create_dir(&work)
+    {
+        return refuse(format!("work directory '{}': {e}", work.display()));
+    }
+    if !work.is_dir() {
+        return refuse(format!(
+            "work directory '{}' is not a directory",
+            work.display()
+        ));
     }
     let dev = |p: &Path| fs::metadata(p).map(|m| m.dev()).ok();
     if dev(&work) != dev(upper) {

@@ -1,0 +1,346 @@
+//! The command line: both calling conventions, and every refused input
+//! (a clear message, a non-zero exit, nothing mounted, layers untouched).
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+struct Layout {
+    s: Scratch,
+    lower: PathBuf,
+    upper: PathBuf,
+    mnt: PathBuf,
+}
+
+fn layout() -> Layout {
+    let s = Scratch::new();
+    let lower = s.mkdir("lower");
+    write(lower.join("file"), b"lower data");
+    let upper = s.mkdir("upper");
+    let mnt = s.mkdir("mnt");
+    Layout {
+        s,
+        lower,
+        upper,
+        mnt,
+    }
+}
+
+/// Runs `unionfs ARGS`, expects failure naming `expected`, and checks that
+/// nothing got mounted.
+fn refused(args: &[&str], mountpoint: &Path, expected: &str) {
+    let out = run(Command::new(BIN).args(args));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        let _cleanup = UnionMount::adopt(mountpoint);
+        panic!("{args:?} was accepted");
+    }
+    assert!(
+        stderr.contains(expected),
+        "{args:?}: expected {expected:?} in {stderr:?}"
+    );
+    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one clear message: {stderr:?}");
+    assert!(!is_mounted(mountpoint), "{args:?} left a mount behind");
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn version_and_help() {
+    let out = sh(Command::new(BIN).arg("--version"));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("unionfs "));
+    let out = sh(Command::new(BIN).arg("--help"));
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("mount") && help.contains("umount") && help.contains("lowerdir"));
+    let out = sh(Command::new(BIN).args(["mount", "--help"]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--upper"));
+}
+
+#[test]
+fn bad_layers_are_refused() {
+    let l = layout();
+    let mnt = p(&l.mnt);
+    let missing = l.s.path("missing");
+    refused(
+        &["mount", "--lower", p(&missing), mnt],
+        &l.mnt,
+        "No such file or directory",
+    );
+    let file = l.lower.join("file");
+    refused(
+        &["mount", "--lower", p(&file), mnt],
+        &l.mnt,
+        "is not a directory",
+    );
+    refused(&["mount", "--lower", "", mnt], &l.mnt, "no lower layer");
+    refused(&["-o", "upperdir=/tmp", mnt], &l.mnt, "no lower layer");
+    refused(
+        &["mount", "--lower", p(&l.lower), "--upper", p(&file), mnt],
+        &l.mnt,
+        "is not a directory",
+    );
+    refused(
+        &["mount", "--lower", p(&l.lower), "--upper", p(&missing), mnt],
+        &l.mnt,
+        "upper layer",
+    );
+    refused(
+        &["mount", "--lower", p(&l.lower), "--work", p(&l.upper), mnt],
+        &l.mnt,
+        "needs an upper layer",
+    );
+    refused(
+        &["mount", "--lower", p(&l.lower), p(&missing)],
+        &missing,
+        "mountpoint",
+    );
+}
+
+#[test]
+fn overlapping_paths_are_refused() {
+    let l = layout();
+    let mnt = p(&l.mnt);
+    let inside_mnt = l.mnt.join("x");
+    fs::create_dir(&inside_mnt).unwrap();
+    refused(
+        &[
+            "mount",
+            "--lower",
+            p(&l.lower),
+            "--upper",
+            p(&inside_mnt),
+            mnt,
+        ],
+        &l.mnt,
+        "inside the mountpoint",
+    );
+    refused(
+        &["mount", "--lower", p(&inside_mnt), mnt],
+        &l.mnt,
+        "inside the mountpoint",
+    );
+    refused(
+        &[
+            "mount",
+            "--lower",
+            p(&l.lower),
+            "--upper",
+            p(&l.upper),
+            "--work",
+            p(&inside_mnt),
+            mnt,
+        ],
+        &l.mnt,
+        "overlap",
+    );
+    let mnt_in_lower = l.lower.join("mnt");
+    fs::create_dir(&mnt_in_lower).unwrap();
+    refused(
+        &["mount", "--lower", p(&l.lower), p(&mnt_in_lower)],
+        &mnt_in_lower,
+        "inside lower layer",
+    );
+    let upper_in_lower = l.lower.join("upper");
+    fs::create_dir(&upper_in_lower).unwrap();
+    refused(
+        &[
+            "mount",
+            "--lower",
+            p(&l.lower),
+            "--upper",
+            p(&upper_in_lower),
+            mnt,
+        ],
+        &l.mnt,
+        "inside lower layer",
+    );
+    refused(
+        &[
+            "mount",
+            "--lower",
+            p(&l.lower),
+            "--upper",
+            p(&l.upper),
+            "--work",
+            p(&l.upper.join("w")),
+            mnt,
+        ],
+        &l.mnt,
+        "overlap",
+    );
+    refused(
+        &[
+            "mount",
+            "--lower",
+            p(&l.lower),
+            "--upper",
+            p(&l.upper),
+            "--work",
+            p(&l.lower.join("w")),
+            mnt,
+        ],
+        &l.mnt,
+        "overlap",
+    );
+    assert!(
+        !l.lower.join("w").exists(),
+        "a refused work dir was created in a lower"
+    );
+}
+
+#[test]
+fn unwritable_upper_and_foreign_work_dir_are_refused() {
+    let l = layout();
+    let mnt = p(&l.mnt);
+    // A read-only bind mount: even root may not write there.
+    let ro = l.s.mkdir("ro-upper");
+    sh(Command::new("mount")
+        .args(["--bind"])
+        .arg(&l.upper)
+        .arg(&ro));
+    let _ro_guard = Unmounter(ro.clone());
+    sh(Command::new("mount")
+        .args(["-o", "remount,bind,ro"])
+        .arg(&ro));
+    refused(
+        &["mount", "--lower", p(&l.lower), "--upper", p(&ro), mnt],
+        &l.mnt,
+        "not writable",
+    );
+
+    let tmpfs = l.s.mkdir("tmpfs-work");
+    sh(Command::new("mount")
+        .args(["-t", "tmpfs", "tmpfs"])
+        .arg(&tmpfs));
+    let _tmpfs_guard = Unmounter(tmpfs.clone());
+    refused(
+        &[
+            "mount",
+            "--lower",
+            p(&l.lower),
+            "--upper",
+            p(&l.upper),
+            "--work",
+            p(&tmpfs),
+            mnt,
+        ],
+        &l.mnt,
+        "not on the same filesystem",
+    );
+}
+
+struct Unmounter(PathBuf);
+impl Drop for Unmounter {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+fn missing_dev_fuse_is_refused() {
+    let l = layout();
+    // A private mount namespace with an empty /dev.
+    let script = format!(
+        "mount --make-rprivate / && mount -t tmpfs tmpfs /dev && exec {BIN} mount --lower {} {}",
+        p(&l.lower),
+        p(&l.mnt)
+    );
+    let out = run(Command::new("unshare").args(["-m", "sh", "-c", &script]));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/dev/fuse"), "{stderr}");
+    assert!(!is_mounted(&l.mnt));
+}
+
+#[test]
+fn second_mount_on_the_same_mountpoint_is_refused() {
+    let l = layout();
+    let m = UnionMount::mount(&[&l.lower], Some(&l.upper), &l.mnt, &[]);
+    let out = run(Command::new(BIN).args(["mount", "--lower", p(&l.lower), p(&l.mnt)]));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already a unionfs mount"));
+    assert_eq!(
+        fs::read(m.path("file")).unwrap(),
+        b"lower data",
+        "first mount still serves"
+    );
+}
+
+#[test]
+fn default_work_dir_is_beside_the_upper() {
+    let l = layout();
+    let m = UnionMount::mount(&[&l.lower], Some(&l.upper), &l.mnt, &[]);
+    assert!(l.s.path(".upper.unionfs-work").is_dir());
+    assert!(!m.path(".upper.unionfs-work").exists());
+}
+
+#[test]
+fn fuse_overlayfs_calling_convention() {
+    let l = layout();
+    let work = l.s.mkdir("work");
+    // As podman's overlay.mount_program calls it, empty option included.
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={},,volatile,context=\"system_u:object_r:container_file_t:s0\",frobnicate",
+        p(&l.lower),
+        p(&l.upper),
+        p(&work)
+    );
+    let out = sh(Command::new(BIN).args(["-o", &opts, p(&l.mnt)]));
+    assert!(out.status.success());
+    let m = UnionMount::adopt(&l.mnt);
+    assert_eq!(fs::read(m.path("file")).unwrap(), b"lower data");
+    drop(m);
+
+    // As mount.fuse calls it: SOURCE MOUNTPOINT -o OPTS.
+    let opts = format!("rw,dev,suid,lowerdir={}", p(&l.lower));
+    sh(Command::new(BIN).args(["mysource", p(&l.mnt), "-o", &opts]));
+    let m = UnionMount::adopt(&l.mnt);
+    let mounts = fs::read_to_string("/proc/mounts").unwrap();
+    assert!(
+        mounts
+            .lines()
+            .any(|line| line.starts_with("mysource ") && line.contains(" fuse.unionfs "))
+    );
+    drop(m);
+}
+
+#[test]
+fn mount_t_fuse_unionfs_and_umount() {
+    let l = layout();
+    // mount(8) runs helpers with a fixed PATH; make sure this build is on it.
+    let installed = Path::new("/usr/local/bin/unionfs");
+    let _link = if installed.exists() {
+        None
+    } else {
+        std::os::unix::fs::symlink(BIN, installed).unwrap();
+        Some(RemoveOnDrop(installed.to_path_buf()))
+    };
+    sh(Command::new("mount")
+        .args(["-t", "fuse.unionfs", "unionfs"])
+        .arg(&l.mnt)
+        .args(["-o", &format!("lowerdir={}", p(&l.lower))]));
+    let mut m = UnionMount::adopt(&l.mnt);
+    assert_eq!(fs::read(m.path("file")).unwrap(), b"lower data");
+    m.unmount();
+    assert!(!is_mounted(&l.mnt));
+    let out = run(Command::new(BIN).arg("umount").arg(&l.mnt));
+    assert!(
+        !out.status.success(),
+        "umount of a plain directory must fail"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a unionfs mount"));
+}
+
+struct RemoveOnDrop(PathBuf);
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
