@@ -12,6 +12,8 @@ pub mod marker;
 pub mod node;
 pub mod readdir;
 pub mod resolve;
+#[cfg(test)]
+mod tests;
 
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
