@@ -192,3 +192,14 @@ pub fn ficlone(dest: impl AsFd, src: impl AsFd) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Hands freed heap pages back to the kernel. glibc keeps them otherwise,
+/// and the daemon's RSS would stay at its peak after the kernel forgets a
+/// large walk.
+pub fn release_free_memory() {
+    // SAFETY: malloc_trim only inspects and shrinks the allocator's own
+    // free lists; it takes no pointers from us.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

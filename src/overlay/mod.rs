@@ -77,6 +77,10 @@ pub struct Overlay {
     nodes: DashMap<u64, Arc<Node>>,
     dentries: DashMap<(u64, OsString), Dentry>,
     negative_dentries: AtomicUsize,
+    /// Nodes in the table (DashMap's len() would lock every shard).
+    live_nodes: AtomicUsize,
+    /// Largest node count since memory was last handed back.
+    node_peak: AtomicUsize,
     /// The root's st_ino (its node id is FUSE's fixed root id).
     root_ino: u64,
     pub handles: Handles,
@@ -123,6 +127,8 @@ impl Overlay {
             nodes,
             dentries: DashMap::new(),
             negative_dentries: AtomicUsize::new(0),
+            live_nodes: AtomicUsize::new(1),
+            node_peak: AtomicUsize::new(0),
             root_ino,
             handles: Handles::default(),
         })
@@ -234,6 +240,8 @@ impl Overlay {
                     ));
                     node.add_lookups(1);
                     slot.insert(node.clone());
+                    let live = self.live_nodes.fetch_add(1, Ordering::Relaxed) + 1;
+                    self.node_peak.fetch_max(live, Ordering::Relaxed);
                     return node;
                 }
             }
@@ -259,6 +267,26 @@ impl Overlay {
                 &(parent.id, node.name()),
                 |_, d| matches!(d, Dentry::Positive(cached) if *cached == id),
             );
+            drop(node);
+            self.live_nodes.fetch_sub(1, Ordering::Relaxed);
+            self.maybe_release_memory();
+        }
+    }
+
+    /// After the kernel forgets a large part of the tree, return the freed
+    /// memory to the system so RSS follows the node count back down.
+    fn maybe_release_memory(&self) {
+        const MIN_DROP: usize = 50_000;
+        let len = self.live_nodes.load(Ordering::Relaxed);
+        let peak = self.node_peak.load(Ordering::Relaxed);
+        if peak >= len + MIN_DROP && len < peak / 2 {
+            tracing::debug!(peak, now = len, "nodes forgotten; releasing memory");
+            self.node_peak.store(len, Ordering::Relaxed);
+            if len < MIN_DROP {
+                self.dentries.shrink_to_fit();
+                self.nodes.shrink_to_fit();
+            }
+            sys::release_free_memory();
         }
     }
 
