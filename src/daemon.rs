@@ -186,6 +186,9 @@ fn raise_fd_limit() {
 
 fn serve(mount: &ValidMount, ready: Option<OwnedFd>) -> Result<(), String> {
     raise_fd_limit();
+    // Modes arrive from the kernel with the caller's umask applied already;
+    // the daemon's own must not take more bits away.
+    nix::sys::stat::umask(nix::sys::stat::Mode::empty());
     // Block the termination signals before any thread starts, so that only
     // the signal thread below receives them.
     let signals = termination_signals();
@@ -196,6 +199,8 @@ fn serve(mount: &ValidMount, ready: Option<OwnedFd>) -> Result<(), String> {
     let core = Overlay::new(&OverlayConfig {
         lowers: mount.lowers.clone(),
         upper: mount.upper.clone(),
+        work: mount.work.clone(),
+        volatile: mount.options.volatile,
     })
     .map_err(|e| format!("cannot open layers: {e}"))?;
     let core = Arc::new(core);

@@ -27,6 +27,29 @@ pub fn system_time(t: Timespec) -> SystemTime {
     }
 }
 
+/// Seconds and nanoseconds since the epoch (negative before it).
+pub fn split_time(t: SystemTime) -> (i64, i64) {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => (d.as_secs() as i64, d.subsec_nanos() as i64),
+        Err(e) => {
+            let d = e.duration();
+            let (mut sec, mut nsec) = (-(d.as_secs() as i64), -(d.subsec_nanos() as i64));
+            if nsec < 0 {
+                sec -= 1;
+                nsec += 1_000_000_000;
+            }
+            (sec, nsec)
+        }
+    }
+}
+
+/// Decodes the kernel's 32-bit device number (mknod requests).
+pub fn decode_dev(rdev: u32) -> u64 {
+    let major = (rdev & 0xfff00) >> 8;
+    let minor = (rdev & 0xff) | ((rdev >> 12) & 0xfff00);
+    libc::makedev(major, minor)
+}
+
 /// The kernel's 32-bit device encoding used by FUSE attributes.
 fn encode_dev(rdev: u64) -> u32 {
     let major = libc::major(rdev);

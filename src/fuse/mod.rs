@@ -12,13 +12,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fuser::{
-    AccessFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
-    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    AccessFlags, BackingId, CopyFileRangeFlags, Errno, FileHandle, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use tracing::{debug, warn};
 
-use crate::overlay::{Error, Overlay};
+use crate::overlay::attr::Attr;
+use crate::overlay::node::Node;
+use crate::overlay::write::{Caller, Created, NewObject, RenameMode, SetAttr, SetTime};
+use crate::overlay::{Error, OpenFile, Overlay};
 pub use convert::file_attr;
 use passthrough::Backings;
 
@@ -28,6 +32,11 @@ const LOWER_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Upper objects change only through this mount, but other mounts of the
 /// same upper (a later remount) must not see stale attributes for long.
 const UPPER_TTL: Duration = Duration::from_secs(1);
+
+enum IoMode {
+    Passthrough(Arc<BackingId>),
+    Cached(FopenFlags),
+}
 
 #[derive(Debug, Clone)]
 pub struct AdapterOptions {
@@ -54,6 +63,51 @@ impl UnionFs {
 
     pub fn passthrough_enabled(&self) -> bool {
         self.passthrough.load(Ordering::Relaxed)
+    }
+
+    /// Passthrough for upper files (and, on read-only mounts, lower ones:
+    /// nothing can copy them up), cached I/O through the daemon otherwise.
+    /// Lower files of writable mounts are never passed through: a later
+    /// copy-up could not move a kernel-held backing file to the upper.
+    fn io_mode(
+        &self,
+        open: &OpenFile,
+        fh: u64,
+        register: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> io::Result<BackingId>,
+    ) -> IoMode {
+        let in_upper = self.core.is_upper(open.node.state().layer);
+        let wanted = self.passthrough_enabled() && (in_upper || !self.core.has_upper());
+        let backing = self.backings.open(open.node.id, fh, wanted, || {
+            if in_upper {
+                // One backing file serves every open of the inode, readers
+                // and writers alike.
+                let file = self.core.open_backing(&open.node, libc::O_RDWR)?;
+                register(file.as_fd())
+            } else {
+                register(open.file().as_fd())
+            }
+        });
+        match backing {
+            Some(backing) => IoMode::Passthrough(backing),
+            None if in_upper => IoMode::Cached(FopenFlags::empty()),
+            None => IoMode::Cached(FopenFlags::FOPEN_KEEP_CACHE),
+        }
+    }
+
+    fn entry_reply(
+        &self,
+        reply: ReplyEntry,
+        result: crate::overlay::Result<(Arc<Node>, Attr)>,
+        op: &str,
+    ) {
+        match result {
+            Ok((node, attr)) => reply.entry(
+                &self.ttl(node.state().layer),
+                &file_attr(&attr),
+                Generation(0),
+            ),
+            Err(e) => reply.error(errno(op, e)),
+        }
     }
 
     fn ttl(&self, layer: usize) -> Duration {
@@ -139,9 +193,12 @@ impl Filesystem for UnionFs {
         self.core.forget(ino.0, nlookup);
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.core.node(ino.0).and_then(|node| {
-            let attr = self.core.getattr(ino.0)?;
+            let attr = match fh {
+                Some(fh) => self.core.getattr_open(ino.0, fh.0)?,
+                None => self.core.getattr(ino.0)?,
+            };
             Ok((node.state().layer, attr))
         }) {
             Ok((layer, attr)) => reply.attr(&self.ttl(layer), &file_attr(&attr)),
@@ -161,27 +218,12 @@ impl Filesystem for UnionFs {
             Ok(opened) => opened,
             Err(e) => return reply.error(errno("open", e)),
         };
-        let lower = !self.core.is_upper(open.node.state().layer);
-        if self.passthrough_enabled() {
-            let file = open.file();
-            match self
-                .backings
-                .get_or_open(ino.0, fh, || reply.open_backing(file.as_fd()))
-            {
-                Ok(backing) => {
-                    return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing);
-                }
-                Err(e) => {
-                    debug!(ino = ino.0, error = %e, "passthrough refused; serving through the daemon")
-                }
+        match self.io_mode(&open, fh, |f| reply.open_backing(f)) {
+            IoMode::Passthrough(backing) => {
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing)
             }
+            IoMode::Cached(flags) => reply.opened(FileHandle(fh), flags),
         }
-        let flags = if lower {
-            FopenFlags::FOPEN_KEEP_CACHE
-        } else {
-            FopenFlags::empty()
-        };
-        reply.opened(FileHandle(fh), flags);
     }
 
     fn read(
@@ -374,5 +416,307 @@ impl Filesystem for UnionFs {
             Ok(pos) => reply.offset(pos),
             Err(e) => reply.error(errno("lseek", e)),
         }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<std::time::SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<std::time::SystemTime>,
+        _chgtime: Option<std::time::SystemTime>,
+        _bkuptime: Option<std::time::SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let time = |t: Option<TimeOrNow>| {
+            t.map(|t| match t {
+                TimeOrNow::Now => SetTime::Now,
+                TimeOrNow::SpecificTime(t) => {
+                    let (sec, nsec) = convert::split_time(t);
+                    SetTime::At(sec, nsec)
+                }
+            })
+        };
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: time(atime),
+            mtime: time(mtime),
+        };
+        match self.core.setattr(ino.0, set, fh.map(|f| f.0)) {
+            Ok(attr) => reply.attr(&UPPER_TTL, &file_attr(&attr)),
+            Err(e) => reply.error(errno("setattr", e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let object = NewObject::Special {
+            mode,
+            rdev: convert::decode_dev(rdev),
+        };
+        let result = self.core.create(parent.0, name, object, caller(req));
+        self.entry_reply(reply, result.map(|c| (c.node, c.attr)), "mknod");
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let result = self
+            .core
+            .create(parent.0, name, NewObject::Dir { mode }, caller(req));
+        self.entry_reply(reply, result.map(|c| (c.node, c.attr)), "mkdir");
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        let object = NewObject::Symlink {
+            target: target.as_os_str(),
+        };
+        let result = self.core.create(parent.0, link_name, object, caller(req));
+        self.entry_reply(reply, result.map(|c| (c.node, c.attr)), "symlink");
+    }
+
+    fn link(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let result = self.core.node(ino.0).and_then(|node| {
+            self.core
+                .create(newparent.0, newname, NewObject::Link { node }, caller(req))
+        });
+        self.entry_reply(reply, result.map(|c| (c.node, c.attr)), "link");
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.core.remove(parent.0, name, false) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("unlink", e)),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.core.remove(parent.0, name, true) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("rmdir", e)),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let mode = if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+            return reply.error(Errno::EINVAL);
+        } else if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+            RenameMode::Exchange
+        } else if flags.contains(RenameFlags::RENAME_NOREPLACE) {
+            RenameMode::NoReplace
+        } else {
+            RenameMode::Replace
+        };
+        match self.core.rename(parent.0, name, newparent.0, newname, mode) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("rename", e)),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let object = NewObject::File { mode, flags };
+        let (node, attr, handle) = match self.core.create(parent.0, name, object, caller(req)) {
+            Ok(Created {
+                node,
+                attr,
+                handle: Some(handle),
+            }) => (node, attr, handle),
+            Ok(_) => return reply.error(Errno::EIO),
+            Err(e) => return reply.error(errno("create", e)),
+        };
+        let (fh, open) = handle;
+        let ttl = self.ttl(node.state().layer);
+        match self.io_mode(&open, fh, |f| reply.open_backing(f)) {
+            IoMode::Passthrough(backing) => reply.created_passthrough(
+                &ttl,
+                &file_attr(&attr),
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+                &backing,
+            ),
+            IoMode::Cached(flags) => reply.created(
+                &ttl,
+                &file_attr(&attr),
+                Generation(0),
+                FileHandle(fh),
+                flags,
+            ),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.core.write(fh.0, offset, data) {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(errno("write", e)),
+        }
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.core.fsync(fh.0, datasync) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("fsync", e)),
+        }
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.core.fsyncdir(ino.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("fsyncdir", e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        match self
+            .core
+            .fallocate(fh.0, offset as i64, length as i64, mode)
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("fallocate", e)),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let len = len.min(u32::MAX as u64) as usize;
+        match self
+            .core
+            .copy_file_range(fh_in.0, offset_in as i64, fh_out.0, offset_out as i64, len)
+        {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(errno("copy_file_range", e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        match self.core.setxattr(ino.0, name, value, flags) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("setxattr", e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.core.removexattr(ino.0, name) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("removexattr", e)),
+        }
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
     }
 }

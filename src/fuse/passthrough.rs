@@ -1,6 +1,8 @@
-//! FUSE passthrough: one kernel backing file per node, shared by all its
-//! open handles (the kernel refuses two different backing files for one
-//! inode), and closed when the last handle goes.
+//! FUSE passthrough bookkeeping. The kernel allows one backing file per
+//! inode, and refuses to mix passthrough opens with cached opens of the same
+//! inode, so the choice is made per node: passthrough while no cached open
+//! is live, cached while no passthrough open is live. One backing id per
+//! node is shared by its passthrough opens and closed with the last of them.
 
 use std::sync::{Arc, Weak};
 
@@ -8,38 +10,74 @@ use dashmap::DashMap;
 use fuser::BackingId;
 
 #[derive(Debug, Default)]
+struct NodeIo {
+    backing: Weak<BackingId>,
+    cached_opens: usize,
+}
+
+#[derive(Debug)]
+enum HandleIo {
+    Passthrough(#[allow(dead_code)] Arc<BackingId>),
+    Cached,
+}
+
+#[derive(Debug, Default)]
 pub struct Backings {
-    by_node: DashMap<u64, Weak<BackingId>>,
-    by_handle: DashMap<u64, Arc<BackingId>>,
+    by_node: DashMap<u64, NodeIo>,
+    by_handle: DashMap<u64, HandleIo>,
 }
 
 impl Backings {
-    /// The node's backing id, registering one with `open` if it has none.
-    pub fn get_or_open(
+    /// Decides how handle `fh` of `node` does I/O. Returns the backing id to
+    /// open it with in passthrough mode, or None for cached I/O through the
+    /// daemon. `register` makes a backing id when the node has none.
+    pub fn open(
         &self,
         node: u64,
         fh: u64,
-        open: impl FnOnce() -> std::io::Result<BackingId>,
-    ) -> std::io::Result<Arc<BackingId>> {
-        let backing = {
-            let mut slot = self.by_node.entry(node).or_default();
-            match slot.upgrade() {
-                Some(existing) => existing,
-                None => {
-                    let fresh = Arc::new(open()?);
-                    *slot = Arc::downgrade(&fresh);
-                    fresh
+        passthrough_wanted: bool,
+        register: impl FnOnce() -> std::io::Result<BackingId>,
+    ) -> Option<Arc<BackingId>> {
+        let mut io = self.by_node.entry(node).or_default();
+        let live = io.backing.upgrade();
+        let backing = match live {
+            // A cached open now would be refused while passthrough ones live.
+            Some(backing) => Some(backing),
+            None if passthrough_wanted && io.cached_opens == 0 => match register() {
+                Ok(fresh) => {
+                    let fresh = Arc::new(fresh);
+                    io.backing = Arc::downgrade(&fresh);
+                    Some(fresh)
                 }
+                Err(e) => {
+                    tracing::debug!(node, error = %e, "no passthrough for this file");
+                    None
+                }
+            },
+            None => None,
+        };
+        match &backing {
+            Some(b) => self.by_handle.insert(fh, HandleIo::Passthrough(b.clone())),
+            None => {
+                io.cached_opens += 1;
+                self.by_handle.insert(fh, HandleIo::Cached)
             }
         };
-        self.by_handle.insert(fh, backing.clone());
-        Ok(backing)
+        backing
     }
 
     pub fn release(&self, node: u64, fh: u64) {
-        if self.by_handle.remove(&fh).is_some() {
-            self.by_node
-                .remove_if(&node, |_, weak| weak.strong_count() == 0);
+        let Some((_, handle)) = self.by_handle.remove(&fh) else {
+            return;
+        };
+        if let Some(mut io) = self.by_node.get_mut(&node)
+            && matches!(handle, HandleIo::Cached)
+        {
+            io.cached_opens = io.cached_opens.saturating_sub(1);
         }
+        drop(handle);
+        self.by_node.remove_if(&node, |_, io| {
+            io.cached_opens == 0 && io.backing.strong_count() == 0
+        });
     }
 }

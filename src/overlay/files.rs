@@ -1,21 +1,125 @@
 //! Open files and directory readers on the merged tree.
 
+use std::ffi::OsStr;
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use nix::errno::Errno;
-use nix::unistd::{Whence, lseek};
+use nix::fcntl::{FallocateFlags, OFlag};
+use nix::unistd::{Whence, fdatasync, fsync, lseek};
 
+use super::copyup::CopyData;
 use super::error::{Error, Result, SysContext};
 use super::handles::OpenFile;
+use super::layer::open_beneath;
 use super::readdir::DirEntry;
 use super::{FileKind, Overlay};
 
 impl Overlay {
+    /// Opens a file; opening a lower file for writing copies it up first
+    /// (only its metadata when O_TRUNC is about to drop the data).
     pub fn open(&self, id: u64, flags: i32) -> Result<(u64, Arc<OpenFile>)> {
         let node = self.node(id)?;
+        if wants_write(flags) {
+            let data = if flags & libc::O_TRUNC != 0 {
+                CopyData::MetadataOnly
+            } else {
+                CopyData::All
+            };
+            self.copy_up(&node, data)?;
+        }
         let file = self.open_backing(&node, flags)?;
         Ok(self.handles.add_file(node, flags, file))
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<usize> {
+        let open = self.open_file(fh)?;
+        let file = open.file();
+        let result = if open.flags & libc::O_APPEND != 0 {
+            // pwrite ignores the offset on O_APPEND files; the kernel already
+            // chose it, so write at the end either way.
+            (&*file).write(data)
+        } else {
+            file.write_at(data, offset)
+        };
+        result
+            .sys("pwrite")
+            .map_err(|e| e.with_path(open.node.path()))
+    }
+
+    pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
+        let open = self.open_file(fh)?;
+        let file = open.file();
+        if datasync {
+            fdatasync(&*file)
+        } else {
+            fsync(&*file)
+        }
+        .sys("fsync")
+    }
+
+    /// fsync of a directory: its upper copy, if it has one.
+    pub fn fsyncdir(&self, id: u64) -> Result<()> {
+        let node = self.node(id)?;
+        let stack = node.dir_stack()?;
+        if !self.is_upper(stack.top().layer) {
+            return Ok(());
+        }
+        let dir = open_beneath(
+            stack.top().fd(),
+            OsStr::new("."),
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+        )
+        .sys("open directory")?;
+        fsync(&dir).sys("fsync(dir)")
+    }
+
+    pub fn fallocate(&self, fh: u64, offset: i64, len: i64, mode: i32) -> Result<()> {
+        let open = self.open_file(fh)?;
+        nix::fcntl::fallocate(
+            &*open.file(),
+            FallocateFlags::from_bits_truncate(mode),
+            offset,
+            len,
+        )
+        .sys("fallocate")
+    }
+
+    /// Copies between two open files in the kernel, without the data
+    /// passing through the daemon.
+    pub fn copy_file_range(
+        &self,
+        fh_in: u64,
+        off_in: i64,
+        fh_out: u64,
+        off_out: i64,
+        len: usize,
+    ) -> Result<usize> {
+        let (src, dst) = (self.open_file(fh_in)?, self.open_file(fh_out)?);
+        let (mut off_in, mut off_out) = (off_in, off_out);
+        nix::fcntl::copy_file_range(
+            &*src.file(),
+            Some(&mut off_in),
+            &*dst.file(),
+            Some(&mut off_out),
+            len,
+        )
+        .sys("copy_file_range")
+    }
+
+    /// Attributes through an open handle: right even after the name is gone.
+    pub fn getattr_open(&self, id: u64, fh: u64) -> Result<super::attr::Attr> {
+        let open = self.open_file(fh)?;
+        let st = nix::sys::stat::fstat(&*open.file()).sys("fstat")?;
+        let state = open.node.state();
+        let mut attr = super::attr::Attr::from_stat(&st);
+        attr.ino = if id == super::ino::ROOT_ID {
+            state.attr.ino
+        } else {
+            open.node.id
+        };
+        Ok(attr)
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
@@ -92,4 +196,8 @@ impl Overlay {
     pub fn releasedir(&self, fh: u64) {
         self.handles.remove_dir(fh);
     }
+}
+
+pub fn wants_write(flags: i32) -> bool {
+    flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
 }

@@ -22,6 +22,10 @@ impl OpenFile {
     pub fn file(&self) -> Arc<File> {
         self.file.read().clone()
     }
+
+    pub fn replace_file(&self, file: File) {
+        *self.file.write() = Arc::new(file);
+    }
 }
 
 #[derive(Debug)]
@@ -56,6 +60,15 @@ impl Handles {
 
     pub fn file(&self, fh: u64) -> Option<Arc<OpenFile>> {
         self.files.get(&fh).map(|f| f.clone())
+    }
+
+    /// The open handles of one node (a scan: only copy-up needs it).
+    pub fn files_of(&self, node: u64) -> Vec<Arc<OpenFile>> {
+        self.files
+            .iter()
+            .filter(|f| f.node.id == node)
+            .map(|f| f.clone())
+            .collect()
     }
 
     pub fn remove_file(&self, fh: u64) -> Option<Arc<OpenFile>> {

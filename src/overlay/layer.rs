@@ -1,13 +1,15 @@
 //! One layer directory: its root descriptor, and the only way unionfs opens
 //! anything inside a layer (relative to a descriptor, never across a symlink).
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag, open, openat2};
 use nix::sys::stat::{Mode, fstat};
 
+use super::attr::FileKind;
 use super::error::{Error, Result, SysContext};
 
 #[derive(Debug)]
@@ -68,4 +70,26 @@ pub fn open_beneath(dir: BorrowedFd<'_>, name: &OsStr, flags: OFlag) -> nix::Res
             other => return other,
         }
     }
+}
+
+/// The entries of the directory `dir` (without `.` and `..`): name, inode
+/// number, and type when the filesystem reports it.
+pub fn list_dir(dir: BorrowedFd<'_>) -> Result<Vec<(OsString, u64, Option<FileKind>)>> {
+    let fd = open_beneath(dir, OsStr::new("."), OFlag::O_RDONLY | OFlag::O_DIRECTORY)
+        .sys("open directory")?;
+    let mut d = nix::dir::Dir::from_fd(fd).sys("fdopendir")?;
+    let mut entries = Vec::new();
+    for entry in d.iter() {
+        let entry = entry.sys("getdents")?;
+        let name = entry.file_name().to_bytes();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        entries.push((
+            OsStr::from_bytes(name).to_os_string(),
+            entry.ino(),
+            entry.file_type().map(FileKind::from_dir_type),
+        ));
+    }
+    Ok(entries)
 }

@@ -3,6 +3,7 @@
 //! `crate::fuse` maps requests onto it.
 
 pub mod attr;
+pub mod copyup;
 pub mod error;
 mod files;
 pub mod handles;
@@ -14,6 +15,8 @@ pub mod readdir;
 pub mod resolve;
 #[cfg(test)]
 mod tests;
+pub mod workdir;
+pub mod write;
 
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
@@ -40,12 +43,17 @@ use ino::{InoMapper, ROOT_ID};
 use layer::{Layer, open_beneath};
 use node::{DirStack, Location, Node, NodeState};
 pub use readdir::DirEntry;
+use workdir::WorkDir;
 
 /// The layers to stack. `lowers[0]` is the topmost lower.
 #[derive(Debug, Clone)]
 pub struct OverlayConfig {
     pub lowers: Vec<PathBuf>,
     pub upper: Option<PathBuf>,
+    /// The work directory (on the upper's filesystem); needed with an upper.
+    pub work: Option<PathBuf>,
+    /// Skip fsync during copy-up (podman's `volatile`).
+    pub volatile: bool,
 }
 
 /// A cached answer for (parent node, name).
@@ -84,6 +92,11 @@ pub struct Overlay {
     /// The root's st_ino (its node id is FUSE's fixed root id).
     root_ino: u64,
     pub handles: Handles,
+    work: Option<WorkDir>,
+    volatile: bool,
+    /// Set once mknod of a whiteout was refused: whiteouts are then written
+    /// in the xattr format.
+    xattr_whiteouts: std::sync::atomic::AtomicBool,
 }
 
 impl Overlay {
@@ -98,6 +111,13 @@ impl Overlay {
         for lower in &config.lowers {
             layers.push(Layer::open(layers.len(), lower, false)?);
         }
+        let work = match (&config.upper, &config.work) {
+            (Some(_), Some(work)) => Some(WorkDir::prepare(work)?),
+            (Some(_), None) => {
+                return Err(Error::new(Errno::EINVAL, "an upper layer needs a work dir"));
+            }
+            (None, _) => None,
+        };
         let devices: Vec<u64> = layers.iter().map(|l| l.dev).collect();
         let inos = InoMapper::new(&devices);
 
@@ -108,10 +128,7 @@ impl Overlay {
         let attr = merged_attr(raw, root_ino, stack.is_merged());
         let root = Node::new(
             ROOT_ID,
-            Location {
-                parent: None,
-                name: OsString::new(),
-            },
+            Location::new(None, OsString::new()),
             NodeState {
                 layer: top.layer,
                 attr,
@@ -131,7 +148,21 @@ impl Overlay {
             node_peak: AtomicUsize::new(0),
             root_ino,
             handles: Handles::default(),
+            work,
+            volatile: config.volatile,
+            xattr_whiteouts: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// The work dir; writes need one (no upper means a read-only mount).
+    fn work(&self) -> Result<&WorkDir> {
+        self.work
+            .as_ref()
+            .ok_or_else(|| Error::new(Errno::EROFS, "write"))
+    }
+
+    pub fn has_upper(&self) -> bool {
+        self.work.is_some()
     }
 
     pub fn layers(&self) -> &[Layer] {
@@ -218,6 +249,9 @@ impl Overlay {
                         && (kind != FileKind::Directory || node.is_at(parent.id, name));
                     if alias_ok {
                         node.add_lookups(1);
+                        if kind != FileKind::Directory && !node.is_at(parent.id, name) {
+                            node.add_alias(parent, name);
+                        }
                         return node.clone();
                     }
                     drop(existing);
@@ -228,10 +262,7 @@ impl Overlay {
                     let attr = merged_attr(resolved.attr, id, merged);
                     let node = Arc::new(Node::new(
                         id,
-                        Location {
-                            parent: Some(parent.clone()),
-                            name: name.to_os_string(),
-                        },
+                        Location::new(Some(parent.clone()), name.to_os_string()),
                         NodeState {
                             layer: resolved.layer,
                             attr,
@@ -387,11 +418,10 @@ impl Overlay {
         if node.kind == FileKind::Directory {
             return Err(Error::new(Errno::EISDIR, "open"));
         }
-        let wants_write = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
         let layer = node.state().layer;
-        if wants_write && !self.layers[layer].upper {
-            // Copy-up is the write path's job; never open a lower for writing.
-            return Err(Error::new(Errno::EROFS, "open for writing").with_path(node.path()));
+        if files::wants_write(flags) && !self.layers[layer].upper {
+            // A lower layer is never opened for writing: copy-up comes first.
+            return Err(Error::new(Errno::EROFS, "open lower for writing").with_path(node.path()));
         }
         let keep = libc::O_ACCMODE | libc::O_APPEND | libc::O_NONBLOCK | libc::O_TRUNC;
         let oflags = OFlag::from_bits_truncate(flags & keep) | OFlag::O_NOCTTY;

@@ -6,16 +6,14 @@
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use nix::fcntl::OFlag;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use super::attr::{Attr, FileKind};
-use super::error::{Error, Result, SysContext};
-use super::layer::open_beneath;
+use super::error::{Error, Result};
+use super::layer::list_dir;
 use super::marker::{self, DirMarks, OciName};
 
 /// One layer's directory inside a merged directory.
@@ -66,27 +64,7 @@ impl DirLayer {
 
     /// The raw entries of this layer's directory: (name, inode, type if known).
     pub fn read_entries(&self) -> Result<Vec<(OsString, u64, Option<FileKind>)>> {
-        let fd = open_beneath(
-            self.fd(),
-            OsStr::new("."),
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
-        )
-        .sys("open directory")?;
-        let mut dir = nix::dir::Dir::from_fd(fd).sys("fdopendir")?;
-        let mut entries = Vec::new();
-        for entry in dir.iter() {
-            let entry = entry.sys("getdents")?;
-            let name = entry.file_name().to_bytes();
-            if name == b"." || name == b".." {
-                continue;
-            }
-            entries.push((
-                OsStr::from_bytes(name).to_os_string(),
-                entry.ino(),
-                entry.file_type().map(FileKind::from_dir_type),
-            ));
-        }
-        Ok(entries)
+        list_dir(self.fd())
     }
 }
 
@@ -94,7 +72,7 @@ impl DirLayer {
 /// directory, a whiteout or a non-directory are not in it.
 #[derive(Debug)]
 pub struct DirStack {
-    pub layers: Vec<DirLayer>,
+    pub layers: Vec<Arc<DirLayer>>,
 }
 
 impl DirStack {
@@ -103,7 +81,7 @@ impl DirStack {
     }
 
     pub fn layer(&self, layer: usize) -> Option<&DirLayer> {
-        self.layers.iter().find(|l| l.layer == layer)
+        self.layers.iter().find(|l| l.layer == layer).map(|l| &**l)
     }
 
     /// A directory is "merged" when more than one layer contributes to it.
@@ -116,6 +94,18 @@ impl DirStack {
 pub struct Location {
     pub parent: Option<Arc<Node>>,
     pub name: OsString,
+    /// Other names of a hard-linked file that this mount has seen.
+    pub aliases: Vec<(Arc<Node>, OsString)>,
+}
+
+impl Location {
+    pub fn new(parent: Option<Arc<Node>>, name: OsString) -> Location {
+        Location {
+            parent,
+            name,
+            aliases: Vec::new(),
+        }
+    }
 }
 
 /// Where a node's data lives now.
@@ -135,6 +125,8 @@ pub struct Node {
     lookups: AtomicU64,
     loc: RwLock<Location>,
     state: RwLock<NodeState>,
+    /// Held while the node is copied up, so racing writers copy up once.
+    pub copy_up_lock: Mutex<()>,
 }
 
 impl Node {
@@ -145,6 +137,72 @@ impl Node {
             lookups: AtomicU64::new(0),
             loc: RwLock::new(loc),
             state: RwLock::new(state),
+            copy_up_lock: Mutex::new(()),
+        }
+    }
+
+    pub fn set_state(&self, state: NodeState) {
+        *self.state.write() = state;
+    }
+
+    /// All names of the node: its primary location first, then aliases.
+    pub fn names(&self) -> Vec<(Arc<Node>, OsString)> {
+        let loc = self.loc.read();
+        let mut names = Vec::with_capacity(1 + loc.aliases.len());
+        if let Some(parent) = &loc.parent {
+            names.push((parent.clone(), loc.name.clone()));
+        }
+        names.extend(loc.aliases.iter().cloned());
+        names
+    }
+
+    /// Records another name of a hard-linked node.
+    pub fn add_alias(&self, parent: &Arc<Node>, name: &OsStr) {
+        let mut loc = self.loc.write();
+        let is_known = |p: &Arc<Node>, n: &OsStr| p.id == parent.id && n == name;
+        let primary = loc.parent.as_ref().is_some_and(|p| is_known(p, &loc.name));
+        if !primary && !loc.aliases.iter().any(|(p, n)| is_known(p, n)) {
+            loc.aliases.push((parent.clone(), name.to_os_string()));
+        }
+    }
+
+    /// Forgets the name (parent, name); an alias takes the primary place.
+    /// Returns whether the node still has a name.
+    pub fn remove_name(&self, parent: u64, name: &OsStr) -> bool {
+        let mut loc = self.loc.write();
+        loc.aliases.retain(|(p, n)| !(p.id == parent && n == name));
+        let primary = loc.parent.as_ref().map(|p| p.id) == Some(parent) && loc.name == name;
+        if primary {
+            if let Some((p, n)) = loc.aliases.pop() {
+                loc.parent = Some(p);
+                loc.name = n;
+            } else {
+                // Unlinked but maybe still open: keep the last location for
+                // messages; the node is reached through its handles only.
+                return false;
+            }
+        }
+        loc.parent.is_some()
+    }
+
+    /// Moves the name (old parent, old name) to (new parent, new name).
+    pub fn rename(
+        &self,
+        old_parent: u64,
+        old_name: &OsStr,
+        new_parent: &Arc<Node>,
+        new_name: &OsStr,
+    ) {
+        let mut loc = self.loc.write();
+        if loc.parent.as_ref().map(|p| p.id) == Some(old_parent) && loc.name == old_name {
+            loc.parent = Some(new_parent.clone());
+            loc.name = new_name.to_os_string();
+        } else if let Some(alias) = loc
+            .aliases
+            .iter_mut()
+            .find(|(p, n)| p.id == old_parent && n == old_name)
+        {
+            *alias = (new_parent.clone(), new_name.to_os_string());
         }
     }
 

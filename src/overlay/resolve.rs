@@ -3,6 +3,7 @@
 //! no caching here.
 
 use std::ffi::OsStr;
+use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag};
@@ -122,7 +123,7 @@ pub fn resolve_child(
         if !layers[dl.layer].upper && stack.layers.iter().all(|l| layers[l.layer].upper) {
             resolved.origin = (attr.dev, attr.ino);
         }
-        stack.layers.push(child);
+        stack.layers.push(Arc::new(child));
         if opaque {
             break;
         }
@@ -143,9 +144,12 @@ pub fn root_stack(layers: &[Layer]) -> Result<DirStack> {
         .map_err(|e| e.with_layer(layer.index).with_path(&layer.path))?;
         let marks = marker::read_dir_marks(std::os::fd::AsFd::as_fd(&fd), !layer.upper)
             .map_err(|e| e.with_layer(layer.index).with_path(&layer.path))?;
-        stack
-            .layers
-            .push(DirLayer::new(layer.index, fd, marks, !layer.upper));
+        stack.layers.push(Arc::new(DirLayer::new(
+            layer.index,
+            fd,
+            marks,
+            !layer.upper,
+        )));
         if marks.opaque {
             break;
         }

@@ -26,9 +26,14 @@ fn whiteout(path: &Path) {
 }
 
 fn overlay(upper: Option<&Path>, lowers: &[&Path]) -> Overlay {
+    if let Some(upper) = upper {
+        fs::create_dir_all(upper.with_extension("work")).unwrap();
+    }
     Overlay::new(&OverlayConfig {
         lowers: lowers.iter().map(|p| p.to_path_buf()).collect(),
         upper: upper.map(Path::to_path_buf),
+        work: upper.map(|u| u.with_extension("work")),
+        volatile: false,
     })
     .unwrap()
 }

@@ -1,0 +1,357 @@
+//! Copy-up: giving a lower object a copy in the upper before it is changed.
+//! Parents first; each object is built in the work dir and renamed into
+//! place, so a crash never leaves a partial object visible. Owner, xattrs,
+//! mode (last, after chown cleared set-id bits) and times are kept; sparse
+//! files stay sparse.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, RenameFlags, readlinkat, renameat2};
+use nix::sys::stat::{
+    FchmodatFlags, Mode, SFlag, UtimensatFlags, fchmodat, fstatat, mkdirat, mknodat, utimensat,
+};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{Gid, Uid, Whence, fchownat, fsync, ftruncate, linkat, lseek, symlinkat};
+
+use super::attr::{Attr, FileKind};
+use super::error::{Error, Result, SysContext};
+use super::layer::open_beneath;
+use super::marker;
+use super::node::{DirStack, Node, NodeState};
+use super::{Overlay, resolve};
+use crate::sys::{self, XattrTarget};
+
+/// How much of a regular file a copy-up takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyData {
+    All,
+    /// The caller is about to truncate it to zero (O_TRUNC, truncate(0)).
+    MetadataOnly,
+}
+
+impl Overlay {
+    /// Makes sure the directory node has a copy in the upper and returns its
+    /// (new) stack, whose top is the upper.
+    pub fn upper_dir(&self, node: &Arc<Node>) -> Result<Arc<DirStack>> {
+        let stack = node.dir_stack()?;
+        if self.is_upper(stack.top().layer) {
+            return Ok(stack);
+        }
+        self.copy_up(node, CopyData::All)?;
+        node.dir_stack()
+    }
+
+    /// Gives `node` a copy in the upper (no-op if it has one).
+    pub fn copy_up(&self, node: &Arc<Node>, data: CopyData) -> Result<()> {
+        if self.node_in_upper(node) {
+            return Ok(());
+        }
+        let work = self.work()?;
+        let _guard = node.copy_up_lock.lock();
+        if self.node_in_upper(node) {
+            return Ok(());
+        }
+        let names = node.names();
+        let Some((parent, name)) = names.first().cloned() else {
+            return Err(Error::new(Errno::ENOENT, "copy up").with_path(node.path()));
+        };
+        let parent_stack = self.upper_dir(&parent)?;
+        let state = node.state();
+        let lower = parent_stack
+            .layer(state.layer)
+            .ok_or_else(|| Error::new(Errno::ESTALE, "copy up").with_path(node.path()))?;
+        let upper = parent_stack.top();
+        let tmp = work.temp_name();
+        let ctx = |e: Error| e.with_layer(state.layer).with_path(node.path());
+
+        let built = self
+            .build_copy(lower.fd(), &name, work.fd(), &tmp, &state.attr, data)
+            .and_then(|()| {
+                renameat2(
+                    work.fd(),
+                    tmp.as_os_str(),
+                    upper.fd(),
+                    name.as_os_str(),
+                    RenameFlags::RENAME_NOREPLACE,
+                )
+                .sys("renameat2(copy-up)")
+            });
+        if let Err(e) = built {
+            let _ = work.remove(&tmp);
+            return Err(ctx(e));
+        }
+
+        let new_state = if node.kind == FileKind::Directory {
+            let child = resolve::open_dir_layer(&self.layers, upper, &name).map_err(ctx)?;
+            let old = state.dir.clone().expect("directory node has a stack");
+            let mut layers = vec![Arc::new(child)];
+            layers.extend(old.layers.iter().cloned());
+            NodeState {
+                layer: upper.layer,
+                attr: state.attr,
+                dir: Some(Arc::new(DirStack { layers })),
+            }
+        } else {
+            NodeState {
+                layer: upper.layer,
+                attr: state.attr,
+                dir: None,
+            }
+        };
+        node.set_state(new_state);
+        tracing::debug!(path = ?node.path(), "copied up");
+
+        // Other names of a hard-linked file keep sharing it in the upper.
+        for (alias_parent, alias_name) in names.iter().skip(1) {
+            let alias_stack = self.upper_dir(alias_parent)?;
+            if let Err(e) = linkat(
+                upper.fd(),
+                name.as_os_str(),
+                alias_stack.top().fd(),
+                alias_name.as_os_str(),
+                AtFlags::empty(),
+            ) {
+                tracing::warn!(path = ?alias_name, error = %e, "could not keep hard link at copy-up");
+            }
+        }
+        if node.kind == FileKind::Regular {
+            self.reopen_handles(node)?;
+        }
+        Ok(())
+    }
+
+    fn node_in_upper(&self, node: &Node) -> bool {
+        self.is_upper(node.state().layer)
+    }
+
+    /// Builds the copy of `src_dir/name` as `work/tmp`.
+    fn build_copy(
+        &self,
+        src_dir: BorrowedFd<'_>,
+        name: &OsStr,
+        work: BorrowedFd<'_>,
+        tmp: &OsStr,
+        attr: &Attr,
+        data: CopyData,
+    ) -> Result<()> {
+        let private = Mode::from_bits_truncate(0o700);
+        match attr.kind() {
+            FileKind::Directory => mkdirat(work, tmp, private).sys("mkdirat")?,
+            FileKind::Regular => {
+                let src = open_beneath(src_dir, name, OFlag::O_RDONLY).sys("open lower file")?;
+                let dst = open_beneath(work, tmp, OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR)
+                    .sys("create copy")?;
+                let (src, dst) = (File::from(src), File::from(dst));
+                if data == CopyData::All {
+                    copy_data(&src, &dst, attr.size)?;
+                }
+                if !self.volatile {
+                    fsync(&dst).sys("fsync(copy-up)")?;
+                }
+            }
+            FileKind::Symlink => {
+                let target = readlinkat(src_dir, name).sys("readlinkat")?;
+                symlinkat(target.as_os_str(), work, tmp).sys("symlinkat")?;
+            }
+            kind => {
+                let sflag = match kind {
+                    FileKind::Fifo => SFlag::S_IFIFO,
+                    FileKind::Socket => SFlag::S_IFSOCK,
+                    FileKind::CharDevice => SFlag::S_IFCHR,
+                    _ => SFlag::S_IFBLK,
+                };
+                mknodat(work, tmp, sflag, private, attr.rdev).sys("mknodat")?;
+            }
+        }
+        copy_xattrs(
+            XattrTarget::Entry(src_dir, name),
+            XattrTarget::Entry(work, tmp),
+        )?;
+        set_owner_mode_times(work, tmp, attr)
+    }
+
+    /// Points every open handle of a copied-up file at the upper copy, so
+    /// descriptors opened before the copy-up see what is written after it.
+    fn reopen_handles(&self, node: &Arc<Node>) -> Result<()> {
+        for open in self.handles.files_of(node.id) {
+            let flags = open.flags & (libc::O_ACCMODE | libc::O_APPEND | libc::O_NONBLOCK);
+            let file = self.open_backing(node, flags)?;
+            open.replace_file(file);
+        }
+        Ok(())
+    }
+}
+
+/// Copies a file's data keeping its holes: FICLONE where the filesystem can
+/// share extents, else copy_file_range over each data segment.
+fn copy_data(src: &File, dst: &File, size: u64) -> Result<()> {
+    if size == 0 || sys::ficlone(dst, src).is_ok() {
+        return Ok(());
+    }
+    let mut pos: i64 = 0;
+    let end = size as i64;
+    while pos < end {
+        let data = match lseek(src, pos, Whence::SeekData) {
+            Ok(d) => d,
+            Err(Errno::ENXIO) => break,
+            // No hole support: treat the rest as data.
+            Err(Errno::EINVAL) => pos,
+            Err(e) => return Err(e).sys("lseek(SEEK_DATA)"),
+        };
+        let hole = match lseek(src, data, Whence::SeekHole) {
+            Ok(h) => h.min(end),
+            Err(_) => end,
+        };
+        copy_range(src, dst, data, hole - data)?;
+        pos = hole;
+    }
+    ftruncate(dst, end).sys("ftruncate(copy-up)")
+}
+
+fn copy_range(src: &File, dst: &File, offset: i64, len: i64) -> Result<()> {
+    let (mut off_in, mut off_out) = (offset, offset);
+    let stop = offset + len;
+    while off_in < stop {
+        let want = (stop - off_in).min(1 << 30) as usize;
+        match nix::fcntl::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), want) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(Errno::EXDEV | Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => {
+                return copy_by_reading(src, dst, off_in, stop - off_in);
+            }
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e).sys("copy_file_range"),
+        }
+    }
+    Ok(())
+}
+
+fn copy_by_reading(src: &File, dst: &File, offset: i64, len: i64) -> Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done: i64 = 0;
+    while done < len {
+        let want = buf.len().min((len - done) as usize);
+        let n = src
+            .read_at(&mut buf[..want], (offset + done) as u64)
+            .sys("pread(copy-up)")?;
+        if n == 0 {
+            break;
+        }
+        dst.write_all_at(&buf[..n], (offset + done) as u64)
+            .sys("pwrite(copy-up)")?;
+        done += n as i64;
+    }
+    Ok(())
+}
+
+/// Copies every xattr except overlay-private ones. Those the upper cannot
+/// hold are logged and skipped, as kernel overlayfs does.
+pub fn copy_xattrs(src: XattrTarget<'_>, dst: XattrTarget<'_>) -> Result<()> {
+    let names = match sys::list_xattr(src) {
+        Ok(names) => names,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(()),
+        Err(e) => return Err(e).sys("listxattr(copy-up)"),
+    };
+    for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        if marker::is_private_xattr(name) {
+            continue;
+        }
+        let Ok(cname) = std::ffi::CString::new(name) else {
+            continue;
+        };
+        let Some(value) = sys::get_xattr(src, &cname).sys("getxattr(copy-up)")? else {
+            continue;
+        };
+        if let Err(e) = sys::set_xattr(dst, &cname, &value, 0) {
+            match e.raw_os_error() {
+                Some(
+                    libc::ENOTSUP | libc::EPERM | libc::EOVERFLOW | libc::E2BIG | libc::ENOSPC,
+                ) => {
+                    tracing::warn!(xattr = %String::from_utf8_lossy(name), error = %e, "xattr not copied up");
+                }
+                _ => return Err(e).sys("setxattr(copy-up)"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Owner first (chown clears set-id bits and file capabilities' effect on
+/// the mode), then the mode, then the times.
+pub fn set_owner_mode_times(dir: BorrowedFd<'_>, name: &OsStr, attr: &Attr) -> Result<()> {
+    fchownat(
+        dir,
+        name,
+        Some(Uid::from_raw(attr.uid)),
+        Some(Gid::from_raw(attr.gid)),
+        AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .sys("fchownat")?;
+    if attr.kind() != FileKind::Symlink {
+        fchmodat(
+            dir,
+            name,
+            Mode::from_bits_truncate(attr.mode & 0o7777),
+            FchmodatFlags::FollowSymlink,
+        )
+        .sys("fchmodat")?;
+    }
+    let ts = |t: super::attr::Timespec| TimeSpec::new(t.sec, t.nsec);
+    utimensat(
+        dir,
+        name,
+        &ts(attr.atime),
+        &ts(attr.mtime),
+        UtimensatFlags::NoFollowSymlink,
+    )
+    .sys("utimensat")
+}
+
+/// Whether `name` is a whiteout in the upper directory `dir`.
+pub fn upper_whiteout_at(dir: &super::node::DirLayer, name: &OsStr) -> Result<bool> {
+    match fstatat(dir.fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => resolve::is_whiteout(dir, name, &Attr::from_stat(&st)),
+        Err(Errno::ENOENT) => Ok(false),
+        Err(e) => Err(e).sys("fstatat"),
+    }
+}
+
+/// A temp name in the work dir that is removed on drop unless kept.
+pub struct TempEntry<'a> {
+    pub work: &'a super::workdir::WorkDir,
+    pub name: OsString,
+    pub keep: bool,
+}
+
+impl Drop for TempEntry<'_> {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = self.work.remove(&self.name);
+        }
+    }
+}
+
+impl<'a> TempEntry<'a> {
+    pub fn new(work: &'a super::workdir::WorkDir) -> TempEntry<'a> {
+        TempEntry {
+            work,
+            name: work.temp_name(),
+            keep: false,
+        }
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.work.fd()
+    }
+}
+
+impl AsFd for TempEntry<'_> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.work.fd()
+    }
+}

@@ -1,0 +1,103 @@
+//! The work directory: where objects are built before they are renamed into
+//! the upper, so that nobody ever sees a half-made file. It lives on the
+//! upper's filesystem (rename must not cross filesystems), in `<work>/work`
+//! as kernel overlayfs lays it out, and whatever a crash left there is
+//! removed at mount time.
+
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sys::stat::{Mode, mkdirat};
+use nix::unistd::{UnlinkatFlags, unlinkat};
+
+use super::error::{Error, Result, SysContext};
+use super::layer::{list_dir, open_beneath};
+
+const TEMP_DIR: &str = "work";
+
+#[derive(Debug)]
+pub struct WorkDir {
+    dir: OwnedFd,
+    counter: AtomicU64,
+}
+
+impl WorkDir {
+    /// Opens (creating if needed) `<root>/work` and empties it.
+    pub fn prepare(root: &Path) -> Result<WorkDir> {
+        let root_fd = nix::fcntl::open(
+            root,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::new(e, "open work dir").with_path(root))?;
+        match mkdirat(&root_fd, TEMP_DIR, Mode::from_bits_truncate(0o700)) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(e) => return Err(Error::new(e, "mkdir work dir").with_path(root)),
+        }
+        let dir = open_beneath(
+            root_fd.as_fd(),
+            OsStr::new(TEMP_DIR),
+            OFlag::O_PATH | OFlag::O_DIRECTORY,
+        )
+        .map_err(|e| Error::new(e, "open work dir").with_path(root))?;
+        let work = WorkDir {
+            dir,
+            counter: AtomicU64::new(0),
+        };
+        let leftovers = list_names(work.fd()).map_err(|e| e.with_path(root))?;
+        if !leftovers.is_empty() {
+            tracing::info!(
+                count = leftovers.len(),
+                "removing leftovers of an interrupted copy-up"
+            );
+        }
+        for name in leftovers {
+            remove_tree(work.fd(), &name).map_err(|e| e.with_path(root))?;
+        }
+        Ok(work)
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.dir.as_fd()
+    }
+
+    /// A name no other object in the work dir has.
+    pub fn temp_name(&self) -> OsString {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        OsString::from(format!("#{:x}.{n:x}", std::process::id()))
+    }
+
+    /// Removes a work dir entry and everything under it.
+    pub fn remove(&self, name: &OsStr) -> Result<()> {
+        remove_tree(self.fd(), name)
+    }
+}
+
+fn list_names(dir: BorrowedFd<'_>) -> Result<Vec<OsString>> {
+    Ok(list_dir(dir)?
+        .into_iter()
+        .map(|(name, _, _)| name)
+        .collect())
+}
+
+/// Removes `name` below `dir`, recursing into directories without ever
+/// following a symlink.
+pub fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+    match unlinkat(dir, name, UnlinkatFlags::NoRemoveDir) {
+        Ok(()) | Err(Errno::ENOENT) => return Ok(()),
+        Err(Errno::EISDIR) | Err(Errno::EPERM) => {}
+        Err(e) => return Err(e).sys("unlinkat"),
+    }
+    let sub = open_beneath(dir, name, OFlag::O_PATH | OFlag::O_DIRECTORY).sys("openat2(dir)")?;
+    for child in list_names(sub.as_fd())? {
+        remove_tree(sub.as_fd(), &child)?;
+    }
+    match unlinkat(dir, name, UnlinkatFlags::RemoveDir) {
+        Ok(()) | Err(Errno::ENOENT) => Ok(()),
+        Err(e) => Err(e).sys("rmdir"),
+    }
+}

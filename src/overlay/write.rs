@@ -1,0 +1,670 @@
+//! The mutating operations on the merged tree. Every change lands in the
+//! upper in kernel overlayfs format: deletions of lower names leave
+//! whiteouts, directories that replace lower ones are opaque, and objects
+//! that replace a whiteout are built in the work dir and swapped in.
+
+use std::ffi::{CString, OsStr};
+use std::fs::File;
+use std::os::fd::BorrowedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, RenameFlags, renameat2};
+use nix::sys::stat::{
+    FchmodatFlags, Mode, SFlag, UtimensatFlags, fchmodat, mkdirat, mknodat, utimensat,
+};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{Gid, Uid, UnlinkatFlags, fchownat, ftruncate, linkat, symlinkat, unlinkat};
+
+use super::attr::Attr;
+use super::copyup::{CopyData, TempEntry, upper_whiteout_at};
+use super::error::{Error, Result, SysContext};
+use super::handles::OpenFile;
+use super::layer::open_beneath;
+use super::marker;
+use super::node::{DirStack, Node};
+use super::resolve::{self, Probe};
+use super::{Dentry, Overlay};
+use crate::sys::{self, XattrTarget};
+
+/// Who asks: new objects belong to them.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The kinds of object `mknod` and friends create.
+#[derive(Debug, Clone)]
+pub enum NewObject<'a> {
+    File { mode: u32, flags: i32 },
+    Dir { mode: u32 },
+    Special { mode: u32, rdev: u64 },
+    Symlink { target: &'a OsStr },
+    Link { node: Arc<Node> },
+}
+
+/// A new object: its node (with one kernel reference), attributes, and for
+/// a file the open handle.
+pub struct Created {
+    pub node: Arc<Node>,
+    pub attr: Attr,
+    pub handle: Option<(u64, Arc<OpenFile>)>,
+}
+
+/// A time to set, as setattr gives it.
+#[derive(Debug, Clone, Copy)]
+pub enum SetTime {
+    Now,
+    At(i64, i64),
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+/// What rename should do (renameat2 flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RenameMode {
+    Replace,
+    NoReplace,
+    Exchange,
+}
+
+impl Overlay {
+    /// Creates a new object `name` in `parent` and returns its node (with one
+    /// kernel reference) and, for files, the open handle.
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        object: NewObject<'_>,
+        caller: Caller,
+    ) -> Result<Created> {
+        let parent_node = self.node(parent)?;
+        let stack = self.upper_dir(&parent_node)?;
+        let upper = stack.top();
+        if let NewObject::Special { mode, rdev: 0 } = object
+            && mode & libc::S_IFMT == libc::S_IFCHR
+        {
+            // A 0/0 character device is a whiteout; kernel overlayfs refuses too.
+            return Err(Error::new(Errno::EPERM, "mknod(whiteout)"));
+        }
+        if let NewObject::Link { node } = &object {
+            self.copy_up(node, CopyData::All)?;
+        }
+        let over_whiteout = upper_whiteout_at(upper, name)?;
+        let work = self.work()?;
+        let parent_attr = self.getattr(parent)?;
+        let owner = owner_for(caller, &parent_attr);
+
+        let file = if over_whiteout {
+            // Build it in the work dir, then swap it with the whiteout; the
+            // temp name then holds the old whiteout, removed on drop.
+            let tmp = TempEntry::new(work);
+            let file = self.make_object(tmp.fd(), &tmp.name, &object, owner, &parent_attr)?;
+            if matches!(object, NewObject::Dir { .. }) {
+                self.mark_opaque(XattrTarget::Entry(tmp.fd(), &tmp.name))?;
+            }
+            renameat2(
+                tmp.fd(),
+                tmp.name.as_os_str(),
+                upper.fd(),
+                name,
+                RenameFlags::RENAME_EXCHANGE,
+            )
+            .sys("renameat2(exchange whiteout)")?;
+            file
+        } else {
+            self.make_object(upper.fd(), name, &object, owner, &parent_attr)?
+        };
+
+        if let NewObject::Link { node: linked } = &object {
+            // The new name is the same inode: the kernel must see the same
+            // node, or two inodes would cache one file.
+            linked.add_alias(&parent_node, name);
+            linked.add_lookups(1);
+            self.dentries
+                .insert((parent, name.to_os_string()), Dentry::Positive(linked.id));
+            let attr = self.getattr(linked.id)?;
+            return Ok(Created {
+                node: linked.clone(),
+                attr,
+                handle: None,
+            });
+        }
+        self.forget_dentry(parent, name);
+        let (node, attr) = self.lookup(parent, name)?;
+        let handle = match (file, &object) {
+            (Some(file), NewObject::File { flags, .. }) => {
+                Some(self.handles.add_file(node.clone(), *flags, file))
+            }
+            _ => None,
+        };
+        Ok(Created { node, attr, handle })
+    }
+
+    /// Makes the object itself at `dir/name`, owned by `owner`.
+    fn make_object(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        object: &NewObject<'_>,
+        owner: (u32, u32),
+        parent_attr: &Attr,
+    ) -> Result<Option<File>> {
+        let mode_of = |m: u32| Mode::from_bits_truncate(m & 0o7777);
+        let mut file = None;
+        let mut mode = None;
+        match object {
+            NewObject::File { mode: m, flags } => {
+                let keep = libc::O_ACCMODE | libc::O_APPEND | libc::O_NONBLOCK;
+                let flags =
+                    OFlag::from_bits_truncate(flags & keep) | OFlag::O_CREAT | OFlag::O_EXCL;
+                let how = nix::fcntl::OpenHow::new()
+                    .flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
+                    .mode(mode_of(*m))
+                    .resolve(
+                        nix::fcntl::ResolveFlag::RESOLVE_BENEATH
+                            | nix::fcntl::ResolveFlag::RESOLVE_NO_SYMLINKS,
+                    );
+                file = Some(File::from(
+                    nix::fcntl::openat2(dir, name, how).sys("openat2(create)")?,
+                ));
+                mode = Some(*m);
+            }
+            NewObject::Dir { mode: m } => {
+                let mut m = *m;
+                if parent_attr.mode & libc::S_ISGID != 0 {
+                    m |= libc::S_ISGID;
+                }
+                mkdirat(dir, name, mode_of(m)).sys("mkdirat")?;
+                mode = Some(m);
+            }
+            NewObject::Special { mode: m, rdev } => {
+                let kind = SFlag::from_bits_truncate(m & libc::S_IFMT);
+                mknodat(dir, name, kind, mode_of(*m), *rdev).sys("mknodat")?;
+                mode = Some(*m);
+            }
+            NewObject::Symlink { target } => {
+                symlinkat(*target, dir, name).sys("symlinkat")?;
+            }
+            NewObject::Link { node } => {
+                let (from_dir, from_name) = self.upper_location(node)?;
+                linkat(
+                    from_dir.top().fd(),
+                    from_name.as_os_str(),
+                    dir,
+                    name,
+                    AtFlags::empty(),
+                )
+                .sys("linkat")?;
+                return Ok(None);
+            }
+        }
+        fchownat(
+            dir,
+            name,
+            Some(Uid::from_raw(owner.0)),
+            Some(Gid::from_raw(owner.1)),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .sys("fchownat")?;
+        // chown clears set-id bits; put the requested mode back.
+        if let Some(m) = mode
+            && m & (libc::S_ISUID | libc::S_ISGID) != 0
+        {
+            fchmodat(dir, name, mode_of(m), FchmodatFlags::FollowSymlink).sys("fchmodat")?;
+        }
+        Ok(file)
+    }
+
+    /// Removes `name` from `parent` (unlink, or rmdir when `dir`).
+    pub fn remove(&self, parent: u64, name: &OsStr, dir: bool) -> Result<()> {
+        let parent_node = self.node(parent)?;
+        let (child, attr) = self.lookup(parent, name)?;
+        // The lookup above took a reference only to inspect the child.
+        self.forget(child.id, 1);
+        match (dir, attr.is_dir()) {
+            (true, false) => return Err(Error::new(Errno::ENOTDIR, "rmdir")),
+            (false, true) => return Err(Error::new(Errno::EISDIR, "unlink")),
+            _ => {}
+        }
+        if dir && !self.is_empty_dir(&child)? {
+            return Err(Error::new(Errno::ENOTEMPTY, "rmdir"));
+        }
+        let stack = self.upper_dir(&parent_node)?;
+        let upper = stack.top();
+        let needs_whiteout = self.lower_entry(&stack, name)?.is_some();
+        let work = self.work()?;
+        let child_in_upper = self.is_upper(child.state().layer);
+        let ctx = |e: Error| e.with_path(child.path());
+
+        if child_in_upper && dir {
+            // Move the directory (and the whiteouts it may hold) out of the
+            // way in one step, then clear it in the work dir.
+            let tmp = TempEntry::new(work);
+            if needs_whiteout {
+                self.make_whiteout(tmp.fd(), &tmp.name)?;
+                renameat2(
+                    tmp.fd(),
+                    tmp.name.as_os_str(),
+                    upper.fd(),
+                    name,
+                    RenameFlags::RENAME_EXCHANGE,
+                )
+                .sys("renameat2(exchange)")
+                .map_err(ctx)?;
+            } else {
+                renameat2(
+                    upper.fd(),
+                    name,
+                    tmp.fd(),
+                    tmp.name.as_os_str(),
+                    RenameFlags::empty(),
+                )
+                .sys("renameat2(rmdir)")
+                .map_err(ctx)?;
+            }
+        } else if child_in_upper {
+            if needs_whiteout {
+                let mut tmp = TempEntry::new(work);
+                self.make_whiteout(tmp.fd(), &tmp.name)?;
+                renameat2(
+                    tmp.fd(),
+                    tmp.name.as_os_str(),
+                    upper.fd(),
+                    name,
+                    RenameFlags::empty(),
+                )
+                .sys("renameat2(whiteout)")
+                .map_err(ctx)?;
+                tmp.keep = true;
+            } else {
+                unlinkat(upper.fd(), name, UnlinkatFlags::NoRemoveDir)
+                    .sys("unlinkat")
+                    .map_err(ctx)?;
+            }
+        } else {
+            self.make_whiteout(upper.fd(), name).map_err(ctx)?;
+        }
+        child.remove_name(parent, name);
+        self.dentries
+            .insert((parent, name.to_os_string()), Dentry::Negative);
+        Ok(())
+    }
+
+    /// Renames (or exchanges) `parent/name` and `new_parent/new_name`.
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        new_parent: u64,
+        new_name: &OsStr,
+        mode: RenameMode,
+    ) -> Result<()> {
+        let (src, src_attr) = self.lookup(parent, name)?;
+        self.forget(src.id, 1);
+        let dst = match self.lookup(new_parent, new_name) {
+            Ok((node, attr)) => {
+                self.forget(node.id, 1);
+                Some((node, attr))
+            }
+            Err(e) if e.errno() == Errno::ENOENT => None,
+            Err(e) => return Err(e),
+        };
+        if src.id == dst.as_ref().map_or(0, |d| d.0.id) && mode != RenameMode::Exchange {
+            // Two names of one file: rename(2) does nothing.
+            return Ok(());
+        }
+        match (&dst, mode) {
+            (Some(_), RenameMode::NoReplace) => return Err(Error::new(Errno::EEXIST, "rename")),
+            (None, RenameMode::Exchange) => return Err(Error::new(Errno::ENOENT, "rename")),
+            _ => {}
+        }
+        // Directories that lower layers contribute to cannot move without
+        // redirects; like kernel overlayfs without redirect_dir, say EXDEV so
+        // that mv falls back to copying.
+        let moves_lower_dir = |node: &Arc<Node>, attr: &Attr| -> Result<bool> {
+            Ok(attr.is_dir() && self.dir_has_lower(node)?)
+        };
+        if moves_lower_dir(&src, &src_attr)?
+            || (mode == RenameMode::Exchange
+                && match &dst {
+                    Some((n, a)) => moves_lower_dir(n, a)?,
+                    None => false,
+                })
+        {
+            return Err(Error::new(Errno::EXDEV, "rename(lower directory)"));
+        }
+        if let Some((dnode, dattr)) = &dst
+            && mode != RenameMode::Exchange
+        {
+            match (src_attr.is_dir(), dattr.is_dir()) {
+                (true, false) => return Err(Error::new(Errno::ENOTDIR, "rename")),
+                (false, true) => return Err(Error::new(Errno::EISDIR, "rename")),
+                (true, true) if !self.is_empty_dir(dnode)? => {
+                    return Err(Error::new(Errno::ENOTEMPTY, "rename"));
+                }
+                _ => {}
+            }
+        }
+
+        self.copy_up(&src, CopyData::All)?;
+        if let Some((dnode, _)) = &dst
+            && mode == RenameMode::Exchange
+        {
+            self.copy_up(dnode, CopyData::All)?;
+        }
+        let src_stack = self.upper_dir(&self.node(parent)?)?;
+        let dst_parent = self.node(new_parent)?;
+        let dst_stack = self.upper_dir(&dst_parent)?;
+        let (src_dir, dst_dir) = (src_stack.top(), dst_stack.top());
+        let work = self.work()?;
+
+        if mode == RenameMode::Exchange {
+            renameat2(
+                src_dir.fd(),
+                name,
+                dst_dir.fd(),
+                new_name,
+                RenameFlags::RENAME_EXCHANGE,
+            )
+            .sys("renameat2(exchange)")?;
+        } else {
+            let src_needs_whiteout = self.lower_entry(&src_stack, name)?.is_some();
+            let dst_lower = self.lower_entry(&dst_stack, new_name)?;
+            if src_attr.is_dir() && dst_lower.as_ref().is_some_and(|a| a.is_dir()) {
+                // The moved directory must hide the lower one it lands on.
+                let (dir, n) = self.upper_location(&src)?;
+                self.mark_opaque(XattrTarget::Entry(dir.top().fd(), &n))?;
+            }
+            // Clear what the upper holds at the target: a whiteout, or an
+            // upper directory that may still hold whiteouts.
+            let dst_upper_kind =
+                match nix::sys::stat::fstatat(dst_dir.fd(), new_name, AtFlags::AT_SYMLINK_NOFOLLOW)
+                {
+                    Ok(st) => Some(Attr::from_stat(&st)),
+                    Err(Errno::ENOENT) => None,
+                    Err(e) => return Err(e).sys("fstatat"),
+                };
+            let mut cleared = None;
+            if let Some(existing) = dst_upper_kind
+                && (existing.is_dir() || src_attr.is_dir())
+            {
+                let tmp = TempEntry::new(work);
+                renameat2(
+                    dst_dir.fd(),
+                    new_name,
+                    tmp.fd(),
+                    tmp.name.as_os_str(),
+                    RenameFlags::empty(),
+                )
+                .sys("renameat2(clear target)")?;
+                cleared = Some(tmp);
+            }
+            let flags = if src_needs_whiteout && self.chardev_whiteouts() {
+                RenameFlags::RENAME_WHITEOUT
+            } else {
+                RenameFlags::empty()
+            };
+            let moved = renameat2(src_dir.fd(), name, dst_dir.fd(), new_name, flags);
+            let moved = match moved {
+                Err(Errno::EINVAL | Errno::EPERM)
+                    if flags.contains(RenameFlags::RENAME_WHITEOUT) =>
+                {
+                    renameat2(
+                        src_dir.fd(),
+                        name,
+                        dst_dir.fd(),
+                        new_name,
+                        RenameFlags::empty(),
+                    )
+                    .and_then(|()| {
+                        self.make_whiteout(src_dir.fd(), name)
+                            .map_err(|e| e.errno())
+                    })
+                }
+                Err(e) => Err(e),
+                Ok(()) if src_needs_whiteout && flags.is_empty() => self
+                    .make_whiteout(src_dir.fd(), name)
+                    .map_err(|e| e.errno()),
+                Ok(()) => Ok(()),
+            };
+            if let Err(e) = moved {
+                if let Some(mut tmp) = cleared {
+                    // Put the old target back.
+                    let _ = renameat2(
+                        tmp.fd(),
+                        tmp.name.as_os_str(),
+                        dst_dir.fd(),
+                        new_name,
+                        RenameFlags::empty(),
+                    );
+                    tmp.keep = true;
+                }
+                return Err(Error::new(e, "renameat2").with_path(src.path()));
+            }
+            drop(cleared);
+        }
+
+        // Bring the node table and the lookup cache up to date.
+        src.rename(parent, name, &dst_parent, new_name);
+        if let Some((dnode, _)) = &dst {
+            if mode == RenameMode::Exchange {
+                dnode.rename(new_parent, new_name, &self.node(parent)?, name);
+            } else {
+                dnode.remove_name(new_parent, new_name);
+            }
+        }
+        self.forget_dentry(parent, name);
+        self.forget_dentry(new_parent, new_name);
+        Ok(())
+    }
+
+    /// setattr: copy-up, then chown, truncate, chmod, utimens on the upper.
+    pub fn setattr(&self, id: u64, set: SetAttr, fh: Option<u64>) -> Result<Attr> {
+        let node = self.node(id)?;
+        let data = if set.size == Some(0) {
+            CopyData::MetadataOnly
+        } else {
+            CopyData::All
+        };
+        self.copy_up(&node, data)?;
+        let (dir, name) = self.upper_location(&node)?;
+        let dirfd = dir.top().fd();
+        let ctx = |e: Error| e.with_path(node.path());
+        if set.uid.is_some() || set.gid.is_some() {
+            fchownat(
+                dirfd,
+                name.as_os_str(),
+                set.uid.map(Uid::from_raw),
+                set.gid.map(Gid::from_raw),
+                AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .sys("fchownat")
+            .map_err(ctx)?;
+        }
+        if let Some(size) = set.size {
+            let file = match fh.and_then(|fh| self.handles.file(fh)) {
+                Some(open) if open.flags & libc::O_ACCMODE != libc::O_RDONLY => open.file(),
+                _ => Arc::new(File::from(
+                    open_beneath(dirfd, &name, OFlag::O_WRONLY)
+                        .sys("open(truncate)")
+                        .map_err(ctx)?,
+                )),
+            };
+            ftruncate(&*file, size as i64)
+                .sys("ftruncate")
+                .map_err(ctx)?;
+        }
+        if let Some(mode) = set.mode {
+            fchmodat(
+                dirfd,
+                name.as_os_str(),
+                Mode::from_bits_truncate(mode & 0o7777),
+                FchmodatFlags::FollowSymlink,
+            )
+            .sys("fchmodat")
+            .map_err(ctx)?;
+        }
+        if set.atime.is_some() || set.mtime.is_some() {
+            let ts = |t: Option<SetTime>| match t {
+                None => TimeSpec::UTIME_OMIT,
+                Some(SetTime::Now) => TimeSpec::UTIME_NOW,
+                Some(SetTime::At(s, ns)) => TimeSpec::new(s, ns),
+            };
+            utimensat(
+                dirfd,
+                name.as_os_str(),
+                &ts(set.atime),
+                &ts(set.mtime),
+                UtimensatFlags::NoFollowSymlink,
+            )
+            .sys("utimensat")
+            .map_err(ctx)?;
+        }
+        self.getattr(id)
+    }
+
+    pub fn setxattr(&self, id: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        let cname = private_checked(name, "setxattr")?;
+        let node = self.node(id)?;
+        self.copy_up(&node, CopyData::All)?;
+        let (dir, entry) = self.upper_location(&node)?;
+        sys::set_xattr(
+            XattrTarget::Entry(dir.top().fd(), &entry),
+            &cname,
+            value,
+            flags,
+        )
+        .sys("setxattr")
+        .map_err(|e| e.with_path(node.path()))
+    }
+
+    pub fn removexattr(&self, id: u64, name: &OsStr) -> Result<()> {
+        let cname = private_checked(name, "removexattr")?;
+        let node = self.node(id)?;
+        // Nothing to copy up for an xattr the object does not have.
+        self.getxattr(id, name)?;
+        self.copy_up(&node, CopyData::All)?;
+        let (dir, entry) = self.upper_location(&node)?;
+        sys::remove_xattr(XattrTarget::Entry(dir.top().fd(), &entry), &cname)
+            .sys("removexattr")
+            .map_err(|e| e.with_path(node.path()))
+    }
+
+    /// The upper directory stack holding the node and its name there. The
+    /// root is reached as "." of the upper root.
+    pub fn upper_location(&self, node: &Arc<Node>) -> Result<(Arc<DirStack>, std::ffi::OsString)> {
+        match node.parent() {
+            Some(parent) => {
+                let stack = parent.dir_stack()?;
+                if !self.is_upper(stack.top().layer) {
+                    return Err(Error::new(Errno::ESTALE, "upper location").with_path(node.path()));
+                }
+                Ok((stack, node.name()))
+            }
+            None => Ok((node.dir_stack()?, ".".into())),
+        }
+    }
+
+    /// The first entry for `name` in the layers of `stack` below its upper.
+    fn lower_entry(&self, stack: &DirStack, name: &OsStr) -> Result<Option<Attr>> {
+        for dl in stack.layers.iter().filter(|l| !self.is_upper(l.layer)) {
+            match resolve::probe(dl, name)? {
+                Probe::Missing => continue,
+                Probe::Whiteout => return Ok(None),
+                Probe::Entry(attr) => return Ok(Some(attr)),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether lower layers contribute to the directory node (or hold its
+    /// name, which a move would have to keep hidden).
+    fn dir_has_lower(&self, node: &Arc<Node>) -> Result<bool> {
+        let stack = node.dir_stack()?;
+        Ok(stack.layers.iter().any(|l| !self.is_upper(l.layer)))
+    }
+
+    /// Empty in the merged view (whiteouts in the upper do not count).
+    fn is_empty_dir(&self, node: &Node) -> Result<bool> {
+        Ok(self.merged_entries(node)?.len() <= 2)
+    }
+
+    fn chardev_whiteouts(&self) -> bool {
+        !self
+            .xattr_whiteouts
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Writes a whiteout at `dir/name`: a 0/0 character device, or where
+    /// the daemon may not mknod (no CAP_MKNOD), the xattr form that kernel
+    /// overlayfs reads with `userxattr`.
+    pub fn make_whiteout(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+        if self.chardev_whiteouts() {
+            match mknodat(dir, name, SFlag::S_IFCHR, Mode::empty(), 0) {
+                Ok(()) => return Ok(()),
+                Err(Errno::EPERM) => {
+                    tracing::warn!(
+                        "cannot mknod whiteouts here; writing xattr whiteouts (userxattr format)"
+                    );
+                    self.xattr_whiteouts
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(e) => return Err(e).sys("mknodat(whiteout)"),
+            }
+        }
+        let fd = open_beneath(dir, name, OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY)
+            .sys("create(whiteout)")?;
+        drop(fd);
+        sys::set_xattr(
+            XattrTarget::Entry(dir, name),
+            marker::USER_WHITEOUT,
+            b"y",
+            0,
+        )
+        .sys("setxattr(whiteout)")?;
+        sys::set_xattr(XattrTarget::Fd(dir), marker::USER_OPAQUE, b"x", 0)
+            .sys("setxattr(xwhiteouts)")
+    }
+
+    fn mark_opaque(&self, target: XattrTarget<'_>) -> Result<()> {
+        let name = if self.chardev_whiteouts() {
+            marker::TRUSTED_OPAQUE
+        } else {
+            marker::USER_OPAQUE
+        };
+        sys::set_xattr(target, name, b"y", 0).sys("setxattr(opaque)")
+    }
+
+    fn forget_dentry(&self, parent: u64, name: &OsStr) {
+        self.dentries.remove(&(parent, name.to_os_string()));
+    }
+}
+
+/// New objects belong to the caller; in a set-group-ID directory they take
+/// the directory's group, as the kernel does.
+fn owner_for(caller: Caller, parent: &Attr) -> (u32, u32) {
+    let gid = if parent.mode & libc::S_ISGID != 0 {
+        parent.gid
+    } else {
+        caller.gid
+    };
+    (caller.uid, gid)
+}
+
+fn private_checked(name: &OsStr, op: &'static str) -> Result<CString> {
+    if marker::is_private_xattr(name.as_bytes()) {
+        return Err(Error::new(Errno::EPERM, op));
+    }
+    CString::new(name.as_bytes()).map_err(|_| Error::new(Errno::EINVAL, op))
+}
