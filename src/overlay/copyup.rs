@@ -86,6 +86,13 @@ impl Overlay {
             return Err(ctx(e));
         }
 
+        if node.kind != FileKind::Directory {
+            // Lookups that find the upper copy must land on this node.
+            let st = fstatat(upper.fd(), name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+                .sys("fstatat(copy-up)")
+                .map_err(ctx)?;
+            self.copied_up.insert((st.st_dev, st.st_ino), node.id);
+        }
         let new_state = if node.kind == FileKind::Directory {
             let child = resolve::open_dir_layer(&self.layers, upper, &name).map_err(ctx)?;
             let old = state.dir.clone().expect("directory node has a stack");

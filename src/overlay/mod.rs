@@ -94,6 +94,9 @@ pub struct Overlay {
     pub handles: Handles,
     work: Option<WorkDir>,
     volatile: bool,
+    /// Upper copies of lower files (dev, ino) -> the merged inode number the
+    /// file had before its copy-up, which it keeps for the life of the mount.
+    copied_up: DashMap<(u64, u64), u64>,
     /// Set once mknod of a whiteout was refused: whiteouts are then written
     /// in the xattr format.
     xattr_whiteouts: std::sync::atomic::AtomicBool,
@@ -151,6 +154,7 @@ impl Overlay {
             work,
             volatile: config.volatile,
             xattr_whiteouts: std::sync::atomic::AtomicBool::new(false),
+            copied_up: DashMap::new(),
         })
     }
 
@@ -238,7 +242,7 @@ impl Overlay {
     /// Finds or creates the node for a resolved name, with one reference.
     fn intern(&self, parent: &Arc<Node>, name: &OsStr, resolved: resolve::Resolved) -> Arc<Node> {
         let kind = resolved.attr.kind();
-        let mut id = self.inos.map(resolved.origin.0, resolved.origin.1);
+        let mut id = self.ino_of(resolved.origin.0, resolved.origin.1);
         loop {
             match self.nodes.entry(id) {
                 Entry::Occupied(existing) => {
@@ -276,6 +280,15 @@ impl Overlay {
                     return node;
                 }
             }
+        }
+    }
+
+    /// The merged inode number of a backing object: its mapped number, or
+    /// for the upper copy of a lower file the number it had before.
+    fn ino_of(&self, dev: u64, ino: u64) -> u64 {
+        match self.copied_up.get(&(dev, ino)) {
+            Some(id) => *id,
+            None => self.inos.map(dev, ino),
         }
     }
 

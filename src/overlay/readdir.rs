@@ -160,7 +160,7 @@ impl Overlay {
                 origin = lower;
             }
         }
-        Ok(self.inos.map(self.layers[origin.0].dev, origin.1))
+        Ok(self.ino_of(self.layers[origin.0].dev, origin.1))
     }
 }
 

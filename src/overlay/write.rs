@@ -380,9 +380,10 @@ impl Overlay {
             .sys("renameat2(exchange)")?;
         } else {
             let src_needs_whiteout = self.lower_entry(&src_stack, name)?.is_some();
-            let dst_lower = self.lower_entry(&dst_stack, new_name)?;
-            if src_attr.is_dir() && dst_lower.as_ref().is_some_and(|a| a.is_dir()) {
-                // The moved directory must hide the lower one it lands on.
+            if src_attr.is_dir() && self.is_merged_stack(&dst_stack) {
+                // A directory moved into a merged directory must never merge
+                // with a lower one of its new name: kernel overlayfs marks it
+                // opaque, and so does unionfs.
                 let (dir, n) = self.upper_location(&src)?;
                 self.mark_opaque(XattrTarget::Entry(dir.top().fd(), &n))?;
             }
@@ -591,8 +592,11 @@ impl Overlay {
     /// Whether lower layers contribute to the directory node (or hold its
     /// name, which a move would have to keep hidden).
     fn dir_has_lower(&self, node: &Arc<Node>) -> Result<bool> {
-        let stack = node.dir_stack()?;
-        Ok(stack.layers.iter().any(|l| !self.is_upper(l.layer)))
+        Ok(self.is_merged_stack(&*node.dir_stack()?))
+    }
+
+    fn is_merged_stack(&self, stack: &DirStack) -> bool {
+        stack.layers.iter().any(|l| !self.is_upper(l.layer))
     }
 
     /// Empty in the merged view (whiteouts in the upper do not count).

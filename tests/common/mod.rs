@@ -313,16 +313,52 @@ fn kind_name(ft: fs::FileType) -> &'static str {
 }
 
 pub fn user_xattrs(path: &Path) -> BTreeMap<String, Vec<u8>> {
-    let out = run(Command::new("getfattr")
-        .args(["-h", "-d", "-e", "hex", "-m", "^user\\."])
-        .arg(path));
+    xattrs_with_prefix(path, "user.")
+}
+
+/// The xattrs of `path` itself (never following a symlink) whose names
+/// start with `prefix`.
+pub fn xattrs_with_prefix(path: &Path, prefix: &str) -> BTreeMap<String, Vec<u8>> {
+    use nix::fcntl::{OFlag, open};
+    use unionfs::sys::{XattrTarget, get_xattr, list_xattr};
+    let fd = open(
+        path,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .unwrap_or_else(|e| panic!("open {path:?}: {e}"));
+    let target = XattrTarget::Fd(std::os::fd::AsFd::as_fd(&fd));
     let mut map = BTreeMap::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        if let Some((k, v)) = line.split_once('=') {
-            map.insert(k.to_string(), v.as_bytes().to_vec());
+    let names = list_xattr(target).unwrap_or_default();
+    for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let name = String::from_utf8_lossy(name).into_owned();
+        if !name.starts_with(prefix) {
+            continue;
+        }
+        let cname = std::ffi::CString::new(name.clone()).unwrap();
+        if let Ok(Some(value)) = get_xattr(target, &cname) {
+            map.insert(name, value);
         }
     }
     map
+}
+
+/// Every path below `root` (relative, without following symlinks).
+pub fn walk(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        if let Ok(entries) = fs::read_dir(root.join(&rel)) {
+            for e in entries.flatten() {
+                let child = rel.join(e.file_name());
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    stack.push(child.clone());
+                }
+                out.push(child);
+            }
+        }
+    }
+    out
 }
 
 /// Walks a tree (without following symlinks) and records every object.
