@@ -18,7 +18,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::cli::UmountArgs;
 use crate::config::{ValidMount, mounted_by_unionfs};
-use crate::fuse::{AdapterOptions, UnionFs};
+use crate::fuse::{AdapterOptions, AsyncNotifier, UnionFs};
 use crate::overlay::{Overlay, OverlayConfig};
 use crate::sys::{self, Forked};
 
@@ -213,6 +213,9 @@ fn serve(mount: &ValidMount, ready: Option<OwnedFd>) -> Result<(), String> {
     let session = start_session(fs, mount)
         .map_err(|e| format!("cannot mount on '{}': {e}", mount.mountpoint.display()))?;
     info!(mountpoint = %mount.mountpoint.display(), layers = core.layers().len(), "mounted");
+    let notifier = AsyncNotifier::start(session.notifier())
+        .map_err(|e| format!("spawn invalidation thread: {e}"))?;
+    core.set_kernel_cache(Box::new(notifier));
 
     let pid_file = write_pid_file(&mount.mountpoint);
     let mountpoint = mount.mountpoint.clone();

@@ -90,6 +90,22 @@ enum Op {
     Read {
         path: PathBuf,
     },
+    Rename2 {
+        from: PathBuf,
+        to: PathBuf,
+        exchange: bool,
+    },
+    Mkfifo {
+        path: PathBuf,
+    },
+    Chown {
+        path: PathBuf,
+        uid: u32,
+    },
+    TruncWrite {
+        path: PathBuf,
+        len: usize,
+    },
 }
 
 const NEW_NAMES: &[&str] = &["n1", "n2", "f1", "sub", "x", "h", "k", "j"];
@@ -163,7 +179,21 @@ fn gen_op(rng: &mut Rng, paths: &[PathBuf]) -> Op {
             existing(rng)
         }
     };
-    match rng.below(14) {
+    match rng.below(18) {
+        14 => Op::Rename2 {
+            from: existing(rng),
+            to: any(rng),
+            exchange: rng.below(2) == 0,
+        },
+        15 => Op::Mkfifo { path: fresh(rng) },
+        16 => Op::Chown {
+            path: existing(rng),
+            uid: 1000 + rng.below(3) as u32,
+        },
+        17 => Op::TruncWrite {
+            path: existing(rng),
+            len: rng.below(3000),
+        },
         0 => Op::Write {
             path: any(rng),
             offset: rng.below(3) as u64 * 4096 + rng.below(100) as u64,
@@ -226,6 +256,13 @@ fn errno_of(e: std::io::Error) -> String {
 /// Applies one operation under `root`; the answer is what is compared.
 fn apply(root: &Path, op: &Op) -> String {
     let p = |rel: &Path| root.join(rel);
+    // Non-blocking, so an operation on a FIFO answers instead of waiting for
+    // a partner that never comes.
+    let open = || {
+        let mut o = fs::OpenOptions::new();
+        o.custom_flags(libc::O_NONBLOCK);
+        o
+    };
     let res: std::io::Result<String> = (|| match op {
         Op::Write {
             path,
@@ -234,7 +271,7 @@ fn apply(root: &Path, op: &Op) -> String {
             byte,
             create,
         } => {
-            let f = fs::OpenOptions::new()
+            let f = open()
                 .write(true)
                 .create(*create)
                 .mode(0o644)
@@ -243,12 +280,12 @@ fn apply(root: &Path, op: &Op) -> String {
             Ok("ok".into())
         }
         Op::Append { path, len } => {
-            let mut f = fs::OpenOptions::new().append(true).open(p(path))?;
+            let mut f = open().append(true).open(p(path))?;
             f.write_all(&vec![b'+'; *len])?;
             Ok("ok".into())
         }
         Op::Truncate { path, size } => {
-            let f = fs::OpenOptions::new().write(true).open(p(path))?;
+            let f = open().write(true).open(p(path))?;
             f.set_len(*size)?;
             Ok("ok".into())
         }
@@ -298,7 +335,42 @@ fn apply(root: &Path, op: &Op) -> String {
             let out = run(Command::new("rm").arg("-rf").arg(p(path)));
             Ok(format!("rm {}", out.status.success()))
         }
-        Op::Read { path } => Ok(format!("{} bytes", fs::read(p(path))?.len())),
+        Op::Read { path } => {
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut open().read(true).open(p(path))?, &mut data)?;
+            Ok(format!("{} bytes", data.len()))
+        }
+        Op::Rename2 { from, to, exchange } => {
+            let flags = if *exchange {
+                nix::fcntl::RenameFlags::RENAME_EXCHANGE
+            } else {
+                nix::fcntl::RenameFlags::RENAME_NOREPLACE
+            };
+            nix::fcntl::renameat2(
+                nix::fcntl::AT_FDCWD,
+                &p(from),
+                nix::fcntl::AT_FDCWD,
+                &p(to),
+                flags,
+            )
+            .map_err(std::io::Error::from)?;
+            Ok("ok".into())
+        }
+        Op::Mkfifo { path } => {
+            nix::unistd::mkfifo(&p(path), nix::sys::stat::Mode::from_bits_truncate(0o640))
+                .map_err(std::io::Error::from)?;
+            Ok("ok".into())
+        }
+        Op::Chown { path, uid } => {
+            std::os::unix::fs::lchown(p(path), Some(*uid), Some(*uid + 1))?;
+            let m = fs::symlink_metadata(p(path))?;
+            Ok(format!("owner {}:{} mode {:o}", m.uid(), m.gid(), m.mode()))
+        }
+        Op::TruncWrite { path, len } => {
+            let mut f = open().write(true).truncate(true).open(p(path))?;
+            f.write_all(&vec![b'T'; *len])?;
+            Ok("ok".into())
+        }
     })();
     res.unwrap_or_else(errno_of)
 }
@@ -314,7 +386,8 @@ fn upper_snapshot(root: &Path) -> BTreeMap<PathBuf, String> {
         let path = root.join(&rel);
         let m = fs::symlink_metadata(&path).unwrap();
         let ft = m.file_type();
-        let opaque = xattrs_with_prefix(&path, "trusted.overlay.opaque");
+        let mut opaque = xattrs_with_prefix(&path, "trusted.overlay.opaque");
+        opaque.extend(xattrs_with_prefix(&path, "trusted.overlay.redirect"));
         let desc = if ft.is_dir() {
             for e in fs::read_dir(&path).unwrap() {
                 stack.push(rel.join(e.unwrap().file_name()));
@@ -371,7 +444,12 @@ fn run_sequence(s: &Scratch, lowers: &[PathBuf], seed: u64, len: usize) -> Outco
     });
     let lower_refs: Vec<&Path> = lowers.iter().map(|p| p.as_path()).collect();
     let ours = UnionMount::mount(&lower_refs, Some(&ours_u), &ours_m, &[]);
-    let kernel = KernelMount::mount(&lower_refs, Some((&kern_u, &kern_w)), &kern_m, "");
+    let kernel = KernelMount::mount(
+        &lower_refs,
+        Some((&kern_u, &kern_w)),
+        &kern_m,
+        "redirect_dir=on",
+    );
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut divergences = Vec::new();
     let mut log = Vec::new();
@@ -411,7 +489,8 @@ fn run_sequence(s: &Scratch, lowers: &[PathBuf], seed: u64, len: usize) -> Outco
         // Kernel overlayfs must read the upper unionfs wrote the same way.
         let w = dir.join("rw");
         fs::create_dir_all(&w).unwrap();
-        let again = KernelMount::mount(&lower_refs, Some((&ours_u, &w)), &kern_m, "");
+        let again =
+            KernelMount::mount(&lower_refs, Some((&ours_u, &w)), &kern_m, "redirect_dir=on");
         let t = diff_trees(
             "unionfs",
             &our_tree,

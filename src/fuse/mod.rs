@@ -2,6 +2,7 @@
 //! errors onto errno replies. No filesystem logic lives here.
 
 mod convert;
+mod notify;
 mod passthrough;
 
 use std::ffi::OsStr;
@@ -24,6 +25,7 @@ use crate::overlay::node::Node;
 use crate::overlay::write::{Caller, Created, NewObject, RenameMode, SetAttr, SetTime};
 use crate::overlay::{Error, OpenFile, Overlay};
 pub use convert::file_attr;
+pub use notify::AsyncNotifier;
 use passthrough::Backings;
 
 /// Lower layers are immutable while mounted: the kernel may cache them as

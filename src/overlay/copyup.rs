@@ -129,6 +129,8 @@ impl Overlay {
         if node.kind == FileKind::Regular {
             self.reopen_handles(node)?;
         }
+        // The kernel cached the lower object's attributes for a long time.
+        self.invalidate_attr(node.id);
         Ok(())
     }
 
@@ -175,11 +177,14 @@ impl Overlay {
                 mknodat(work, tmp, sflag, private, attr.rdev).sys("mknodat")?;
             }
         }
+        // chown drops file capabilities, so the owner goes first, then the
+        // xattrs, and the mode (with its set-id bits) last.
+        set_owner(work, tmp, attr)?;
         copy_xattrs(
             XattrTarget::Entry(src_dir, name),
             XattrTarget::Entry(work, tmp),
         )?;
-        set_owner_mode_times(work, tmp, attr)
+        set_mode_and_times(work, tmp, attr)
     }
 
     /// Points every open handle of a copied-up file at the upper copy, so
@@ -288,9 +293,7 @@ pub fn copy_xattrs(src: XattrTarget<'_>, dst: XattrTarget<'_>) -> Result<()> {
     Ok(())
 }
 
-/// Owner first (chown clears set-id bits and file capabilities' effect on
-/// the mode), then the mode, then the times.
-pub fn set_owner_mode_times(dir: BorrowedFd<'_>, name: &OsStr, attr: &Attr) -> Result<()> {
+fn set_owner(dir: BorrowedFd<'_>, name: &OsStr, attr: &Attr) -> Result<()> {
     fchownat(
         dir,
         name,
@@ -298,7 +301,11 @@ pub fn set_owner_mode_times(dir: BorrowedFd<'_>, name: &OsStr, attr: &Attr) -> R
         Some(Gid::from_raw(attr.gid)),
         AtFlags::AT_SYMLINK_NOFOLLOW,
     )
-    .sys("fchownat")?;
+    .sys("fchownat")
+}
+
+/// The mode after chown (which clears set-id bits), then the times.
+fn set_mode_and_times(dir: BorrowedFd<'_>, name: &OsStr, attr: &Attr) -> Result<()> {
     if attr.kind() != FileKind::Symlink {
         fchmodat(
             dir,

@@ -28,6 +28,8 @@ const OCI_META_PREFIX: &[u8] = b".wh..wh.";
 pub const TRUSTED_OPAQUE: &CStr = c"trusted.overlay.opaque";
 pub const USER_OPAQUE: &CStr = c"user.overlay.opaque";
 pub const TRUSTED_WHITEOUT: &CStr = c"trusted.overlay.whiteout";
+pub const TRUSTED_REDIRECT: &CStr = c"trusted.overlay.redirect";
+pub const USER_REDIRECT: &CStr = c"user.overlay.redirect";
 pub const USER_WHITEOUT: &CStr = c"user.overlay.whiteout";
 
 /// What an entry name means in an OCI layer.
@@ -69,12 +71,15 @@ pub fn is_chardev_whiteout(attr: &Attr) -> bool {
 }
 
 /// The markers a directory of one layer carries.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct DirMarks {
     /// Lower layers' contents of this directory are hidden.
     pub opaque: bool,
     /// Zero-size files with a whiteout xattr are whiteouts here.
     pub xwhiteouts: bool,
+    /// Where the layers below keep this directory (`redirect_dir`): a name
+    /// in the same parent, or a path from the root when it starts with `/`.
+    pub redirect: Option<std::ffi::OsString>,
 }
 
 /// Reads the markers of the directory `dir`; `oci` also honours `.wh..wh..opq`.
@@ -90,6 +95,17 @@ pub fn read_dir_marks(dir: BorrowedFd<'_>, oci: bool) -> Result<DirMarks> {
             TRUSTED_OPAQUE
         } else if name == USER_OPAQUE.to_bytes() {
             USER_OPAQUE
+        } else if name == TRUSTED_REDIRECT.to_bytes() || name == USER_REDIRECT.to_bytes() {
+            let which = if name == TRUSTED_REDIRECT.to_bytes() {
+                TRUSTED_REDIRECT
+            } else {
+                USER_REDIRECT
+            };
+            let value = sys::get_xattr(XattrTarget::Fd(dir), which).sys("getxattr(redirect)")?;
+            marks.redirect = value
+                .filter(|v| !v.is_empty())
+                .map(|v| OsStr::from_bytes(&v).to_os_string());
+            continue;
         } else {
             continue;
         };

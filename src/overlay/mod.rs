@@ -56,6 +56,14 @@ pub struct OverlayConfig {
     pub volatile: bool,
 }
 
+/// The kernel's caches, as far as the core needs to correct them: changes
+/// the kernel did not ask for itself (a copy-up turning a long-cached lower
+/// object into an upper one, other names of a hard-linked file).
+pub trait KernelCache: Send + Sync {
+    fn invalidate_attr(&self, id: u64);
+    fn invalidate_entry(&self, parent: u64, name: &OsStr);
+}
+
 /// A cached answer for (parent node, name).
 #[derive(Debug, Clone, Copy)]
 enum Dentry {
@@ -78,7 +86,6 @@ enum Backing {
     },
 }
 
-#[derive(Debug)]
 pub struct Overlay {
     layers: Vec<Layer>,
     inos: InoMapper,
@@ -97,6 +104,7 @@ pub struct Overlay {
     /// Upper copies of lower files (dev, ino) -> the merged inode number the
     /// file had before its copy-up, which it keeps for the life of the mount.
     copied_up: DashMap<(u64, u64), u64>,
+    kernel_cache: std::sync::OnceLock<Box<dyn KernelCache>>,
     /// Set once mknod of a whiteout was refused: whiteouts are then written
     /// in the xattr format.
     xattr_whiteouts: std::sync::atomic::AtomicBool,
@@ -155,6 +163,7 @@ impl Overlay {
             volatile: config.volatile,
             xattr_whiteouts: std::sync::atomic::AtomicBool::new(false),
             copied_up: DashMap::new(),
+            kernel_cache: std::sync::OnceLock::new(),
         })
     }
 
@@ -163,6 +172,17 @@ impl Overlay {
         self.work
             .as_ref()
             .ok_or_else(|| Error::new(Errno::EROFS, "write"))
+    }
+
+    /// Connects the core to the kernel's caches (once the session exists).
+    pub fn set_kernel_cache(&self, cache: Box<dyn KernelCache>) {
+        let _ = self.kernel_cache.set(cache);
+    }
+
+    fn invalidate_attr(&self, id: u64) {
+        if let Some(cache) = self.kernel_cache.get() {
+            cache.invalidate_attr(id);
+        }
     }
 
     pub fn has_upper(&self) -> bool {
@@ -226,7 +246,8 @@ impl Overlay {
         };
         let node = self.intern(&parent_node, name, resolved);
         self.dentries.insert(key, Dentry::Positive(node.id));
-        let attr = node.state().attr;
+        // An existing node may hold attributes from before a copy-up.
+        let attr = self.node_attr(&node)?;
         Ok((node, attr))
     }
 

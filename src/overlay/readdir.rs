@@ -26,7 +26,7 @@ pub struct DirEntry {
 /// What the layers seen so far say about one name.
 enum Seen {
     Hidden,
-    Visible(usize),
+    Visible,
 }
 
 struct Pending {
@@ -34,10 +34,6 @@ struct Pending {
     kind: FileKind,
     top_layer: usize,
     top_ino: u64,
-    /// For a directory: whether lower layers still merge into it.
-    merge_open: bool,
-    /// For a directory: its topmost lower-layer copy (layer, ino).
-    first_lower: Option<(usize, u64)>,
 }
 
 impl Overlay {
@@ -83,7 +79,6 @@ impl Overlay {
         seen: &mut HashMap<OsString, Seen>,
         pending: &mut Vec<Pending>,
     ) -> Result<()> {
-        let upper = self.layers[dl.layer].upper;
         let mut oci_whiteouts = Vec::new();
         for (name, ino, kind) in dl.read_entries()? {
             if dl.oci {
@@ -102,65 +97,43 @@ impl Overlay {
                     seen.insert(name, Seen::Hidden);
                 }
                 None => {
-                    seen.insert(name.clone(), Seen::Visible(pending.len()));
+                    seen.insert(name.clone(), Seen::Visible);
                     pending.push(Pending {
                         name,
                         kind,
                         top_layer: dl.layer,
                         top_ino: ino,
-                        merge_open: kind == FileKind::Directory,
-                        first_lower: None,
                     });
                 }
-                Some(Seen::Hidden) => {}
-                Some(Seen::Visible(i)) => {
-                    let p = &mut pending[*i];
-                    if !p.merge_open {
-                        continue;
-                    }
-                    if whiteout || kind != FileKind::Directory {
-                        p.merge_open = false;
-                    } else if p.first_lower.is_none() && !upper {
-                        p.first_lower = Some((dl.layer, ino));
-                    }
-                }
+                Some(_) => {}
             }
         }
         // An OCI whiteout hides its name in the layers below only; a name the
         // same layer holds stays visible.
         for target in oci_whiteouts {
-            match seen.get(&target) {
-                None => {
-                    seen.insert(target, Seen::Hidden);
-                }
-                Some(Seen::Visible(i)) => pending[*i].merge_open = false,
-                Some(Seen::Hidden) => {}
-            }
+            seen.entry(target).or_insert(Seen::Hidden);
         }
         Ok(())
     }
 
     /// The inode number a lookup of the entry would report, found without a
-    /// full lookup: a live node's id, else the mapped backing number (for a
-    /// merged directory, that of its topmost lower copy).
+    /// full lookup where possible: a live node's id, else the mapped backing
+    /// number. A directory whose top copy is in the upper may take a lower
+    /// copy's number (merged, or moved with a redirect): it is resolved as a
+    /// lookup would.
     fn entry_ino(&self, dir_id: u64, stack: &super::node::DirStack, p: &Pending) -> Result<u64> {
         if let Some(Dentry::Positive(id)) = self.dentries.get(&(dir_id, p.name.clone())).map(|d| *d)
             && self.nodes.contains_key(&id)
         {
             return Ok(id);
         }
-        let mut origin = (p.top_layer, p.top_ino);
-        if let Some(lower) = p.first_lower {
-            // The upper copy decides whether the lower one merges in.
-            let top = stack
-                .layer(p.top_layer)
-                .expect("entry came from this stack");
-            let child = resolve::open_dir_layer(&self.layers, top, &p.name)?;
-            if !child.marks.opaque {
-                origin = lower;
-            }
+        if p.kind == FileKind::Directory
+            && self.layers[p.top_layer].upper
+            && let Some(resolved) = resolve::resolve_child(&self.layers, stack, &p.name)?
+        {
+            return Ok(self.ino_of(resolved.origin.0, resolved.origin.1));
         }
-        Ok(self.ino_of(self.layers[origin.0].dev, origin.1))
+        Ok(self.ino_of(self.layers[p.top_layer].dev, p.top_ino))
     }
 }
 

@@ -2,7 +2,10 @@
 //! layers make up a merged directory. Pure policy over the layer descriptors;
 //! no caching here.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nix::errno::Errno;
@@ -10,7 +13,7 @@ use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::fstatat;
 
 use super::attr::{Attr, FileKind};
-use super::error::{Result, SysContext};
+use super::error::{Error, Result, SysContext};
 use super::layer::{Layer, open_beneath};
 use super::marker::{self, OciName};
 use super::node::{DirLayer, DirStack};
@@ -86,14 +89,71 @@ pub fn open_dir_layer(layers: &[Layer], parent: &DirLayer, name: &OsStr) -> Resu
     Ok(DirLayer::new(parent.layer, fd, marks, oci))
 }
 
+/// Where the remaining layers keep the directory being resolved: under its
+/// name (or a relative redirect) in the parent's copies, or, after an
+/// absolute redirect, at a path from each layer's root.
+enum Target {
+    Name(OsString),
+    FromRoot(PathBuf),
+}
+
+/// The next place to look: a directory of one layer and the name in it.
+fn next_place(
+    layers: &[Layer],
+    parent: &DirStack,
+    target: &Target,
+    from_layer: usize,
+) -> Result<Option<(Arc<DirLayer>, OsString)>> {
+    match target {
+        Target::Name(name) => Ok(parent
+            .layers
+            .iter()
+            .find(|d| d.layer >= from_layer)
+            .map(|d| (d.clone(), name.clone()))),
+        Target::FromRoot(path) => {
+            let Some(file_name) = path.file_name() else {
+                return Ok(None);
+            };
+            let dir = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            for layer in layers.iter().skip(from_layer) {
+                match open_beneath(
+                    layer.root(),
+                    dir.as_os_str(),
+                    OFlag::O_PATH | OFlag::O_DIRECTORY,
+                ) {
+                    Ok(fd) => {
+                        let marks = marker::read_dir_marks(fd.as_fd(), !layer.upper)
+                            .map_err(|e| e.with_layer(layer.index))?;
+                        let dl = DirLayer::new(layer.index, fd, marks, !layer.upper);
+                        return Ok(Some((Arc::new(dl), file_name.to_os_string())));
+                    }
+                    Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP) => continue,
+                    Err(e) => {
+                        return Err(Error::new(e, "openat2(redirect)")
+                            .with_layer(layer.index)
+                            .with_path(path));
+                    }
+                }
+            }
+            Ok(None)
+        }
+    }
+}
+
 pub fn resolve_child(
     layers: &[Layer],
     parent: &DirStack,
     name: &OsStr,
 ) -> Result<Option<Resolved>> {
     let mut found: Option<Resolved> = None;
-    for dl in &parent.layers {
-        let attr = match probe(dl, name)? {
+    let mut target = Target::Name(name.to_os_string());
+    let mut from_layer = 0;
+    while let Some((dl, lookup)) = next_place(layers, parent, &target, from_layer)? {
+        from_layer = dl.layer + 1;
+        let attr = match probe(&dl, &lookup)? {
             Probe::Missing => continue,
             Probe::Whiteout => break,
             Probe::Entry(attr) => attr,
@@ -118,8 +178,15 @@ pub fn resolve_child(
         let Some(stack) = resolved.dir.as_mut() else {
             break;
         };
-        let child = open_dir_layer(layers, dl, name)?;
+        let child = open_dir_layer(layers, &dl, &lookup)?;
         let opaque = child.marks.opaque;
+        if let Some(redirect) = &child.marks.redirect {
+            // redirect_dir: the layers below keep this directory elsewhere.
+            target = match redirect.as_bytes().strip_prefix(b"/") {
+                Some(path) => Target::FromRoot(PathBuf::from(OsStr::from_bytes(path))),
+                None => Target::Name(redirect.clone()),
+            };
+        }
         if !layers[dl.layer].upper && stack.layers.iter().all(|l| layers[l.layer].upper) {
             resolved.origin = (attr.dev, attr.ino);
         }
@@ -144,13 +211,14 @@ pub fn root_stack(layers: &[Layer]) -> Result<DirStack> {
         .map_err(|e| e.with_layer(layer.index).with_path(&layer.path))?;
         let marks = marker::read_dir_marks(std::os::fd::AsFd::as_fd(&fd), !layer.upper)
             .map_err(|e| e.with_layer(layer.index).with_path(&layer.path))?;
+        let opaque = marks.opaque;
         stack.layers.push(Arc::new(DirLayer::new(
             layer.index,
             fd,
             marks,
             !layer.upper,
         )));
-        if marks.opaque {
+        if opaque {
             break;
         }
     }

@@ -123,7 +123,14 @@ impl Overlay {
             .sys("renameat2(exchange whiteout)")?;
             file
         } else {
-            self.make_object(upper.fd(), name, &object, owner, &parent_attr)?
+            let file = self.make_object(upper.fd(), name, &object, owner, &parent_attr)?;
+            if matches!(object, NewObject::Dir { .. }) && self.is_merged_stack(&stack) {
+                // As kernel overlayfs with redirect_dir: a directory made in a
+                // merged one is opaque, so wherever it moves later it never
+                // merges with a lower directory of the same name.
+                self.mark_opaque(XattrTarget::Entry(upper.fd(), name))?;
+            }
+            file
         };
 
         if let NewObject::Link { node: linked } = &object {
@@ -329,21 +336,22 @@ impl Overlay {
             (None, RenameMode::Exchange) => return Err(Error::new(Errno::ENOENT, "rename")),
             _ => {}
         }
-        // Directories that lower layers contribute to cannot move without
-        // redirects; like kernel overlayfs without redirect_dir, say EXDEV so
-        // that mv falls back to copying.
-        let moves_lower_dir = |node: &Arc<Node>, attr: &Attr| -> Result<bool> {
-            Ok(attr.is_dir() && self.dir_has_lower(node)?)
+        // Directories that lower layers contribute to move with a redirect
+        // to where the lower layers keep them (kernel overlayfs'
+        // redirect_dir=on format), so mv never needs to copy a tree.
+        let src_redirect = if src_attr.is_dir() && self.dir_has_lower(&src)? {
+            Some(self.redirect_for(&src, parent, new_parent, name)?)
+        } else {
+            None
         };
-        if moves_lower_dir(&src, &src_attr)?
-            || (mode == RenameMode::Exchange
-                && match &dst {
-                    Some((n, a)) => moves_lower_dir(n, a)?,
-                    None => false,
-                })
-        {
-            return Err(Error::new(Errno::EXDEV, "rename(lower directory)"));
-        }
+        let dst_redirect = match (&dst, mode) {
+            (Some((dnode, dattr)), RenameMode::Exchange)
+                if dattr.is_dir() && self.dir_has_lower(dnode)? =>
+            {
+                Some(self.redirect_for(dnode, new_parent, parent, new_name)?)
+            }
+            _ => None,
+        };
         if let Some((dnode, dattr)) = &dst
             && mode != RenameMode::Exchange
         {
@@ -363,6 +371,12 @@ impl Overlay {
         {
             self.copy_up(dnode, CopyData::All)?;
         }
+        if let Some(redirect) = &src_redirect {
+            self.set_redirect(&src, redirect)?;
+        }
+        if let (Some(redirect), Some((dnode, _))) = (&dst_redirect, &dst) {
+            self.set_redirect(dnode, redirect)?;
+        }
         let src_stack = self.upper_dir(&self.node(parent)?)?;
         let dst_parent = self.node(new_parent)?;
         let dst_stack = self.upper_dir(&dst_parent)?;
@@ -380,7 +394,7 @@ impl Overlay {
             .sys("renameat2(exchange)")?;
         } else {
             let src_needs_whiteout = self.lower_entry(&src_stack, name)?.is_some();
-            if src_attr.is_dir() && self.is_merged_stack(&dst_stack) {
+            if src_attr.is_dir() && src_redirect.is_none() && self.is_merged_stack(&dst_stack) {
                 // A directory moved into a merged directory must never merge
                 // with a lower one of its new name: kernel overlayfs marks it
                 // opaque, and so does unionfs.
@@ -461,8 +475,8 @@ impl Overlay {
         if let Some((dnode, _)) = &dst {
             if mode == RenameMode::Exchange {
                 dnode.rename(new_parent, new_name, &self.node(parent)?, name);
-            } else {
-                dnode.remove_name(new_parent, new_name);
+            } else if dnode.remove_name(new_parent, new_name) {
+                self.invalidate_attr(dnode.id);
             }
         }
         self.forget_dentry(parent, name);
@@ -593,6 +607,77 @@ impl Overlay {
     /// name, which a move would have to keep hidden).
     fn dir_has_lower(&self, node: &Arc<Node>) -> Result<bool> {
         Ok(self.is_merged_stack(&*node.dir_stack()?))
+    }
+
+    /// The redirect a directory needs when it moves from `old_parent/old_name`
+    /// to `new_parent`: the name or path where the lower layers keep it.
+    fn redirect_for(
+        &self,
+        node: &Arc<Node>,
+        old_parent: u64,
+        new_parent: u64,
+        old_name: &OsStr,
+    ) -> Result<std::ffi::OsString> {
+        let own = self
+            .current_redirect(node)?
+            .unwrap_or_else(|| old_name.to_os_string());
+        if old_parent == new_parent || own.as_bytes().starts_with(b"/") {
+            return Ok(own);
+        }
+        // An absolute path: each ancestor by its redirect or its name, up to
+        // the root or an ancestor that has an absolute redirect itself.
+        let mut parts = vec![own];
+        let mut dir = self.node(old_parent)?;
+        while let Some(up) = dir.parent() {
+            let part = self.current_redirect(&dir)?.unwrap_or_else(|| dir.name());
+            let absolute = part.as_bytes().starts_with(b"/");
+            parts.push(part);
+            if absolute {
+                break;
+            }
+            dir = up;
+        }
+        let mut path = Vec::new();
+        for part in parts.iter().rev() {
+            if !part.as_bytes().starts_with(b"/") {
+                path.push(b'/');
+            }
+            path.extend_from_slice(part.as_bytes());
+        }
+        Ok(OsStr::from_bytes(&path).to_os_string())
+    }
+
+    /// The redirect a directory node carries now, if any.
+    fn current_redirect(&self, node: &Arc<Node>) -> Result<Option<std::ffi::OsString>> {
+        let stack = node.dir_stack()?;
+        if !self.is_upper(stack.top().layer) {
+            return Ok(stack.top().marks.redirect.clone());
+        }
+        for name in [marker::TRUSTED_REDIRECT, marker::USER_REDIRECT] {
+            let value = sys::get_xattr(XattrTarget::Fd(stack.top().fd()), name)
+                .sys("getxattr(redirect)")?;
+            if let Some(v) = value.filter(|v| !v.is_empty()) {
+                return Ok(Some(OsStr::from_bytes(&v).to_os_string()));
+            }
+        }
+        Ok(None)
+    }
+
+    fn set_redirect(&self, node: &Arc<Node>, redirect: &OsStr) -> Result<()> {
+        let stack = node.dir_stack()?;
+        let name = if self.chardev_whiteouts() {
+            marker::TRUSTED_REDIRECT
+        } else {
+            marker::USER_REDIRECT
+        };
+        sys::set_xattr(
+            XattrTarget::Fd(stack.top().fd()),
+            name,
+            redirect.as_bytes(),
+            0,
+        )
+        .sys("setxattr(redirect)")
+        .map_err(|e| e.with_path(node.path()))
     }
 
     fn is_merged_stack(&self, stack: &DirStack) -> bool {

@@ -1,0 +1,458 @@
+//! Copy-up and the write path on a real mount: metadata and holes survive,
+//! open descriptors follow the copy-up, racing writers copy up once, a crash
+//! mid-copy-up leaves no partial file, and lower layers never change.
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn layers(s: &Scratch) -> (std::path::PathBuf, std::path::PathBuf) {
+    (s.mkdir("lower"), s.mkdir("upper"))
+}
+
+#[test]
+fn copy_up_keeps_owner_mode_times_xattrs_acls_caps_and_holes() {
+    let s = Scratch::new();
+    let (lower, upper) = layers(&s);
+    let f = lower.join("tool");
+    let sparse = fs::File::create(&f).unwrap();
+    sparse.write_at(b"head", 0).unwrap();
+    sparse.write_at(b"tail", 32 << 20).unwrap();
+    drop(sparse);
+    std::os::unix::fs::chown(&f, Some(1234), Some(5678)).unwrap();
+    set_xattr(&f, "user.note", "kept");
+    // CAP_NET_RAW, permitted, effective (a VFS_CAP_REVISION_2 blob).
+    sh(Command::new("setfattr")
+        .args([
+            "-n",
+            "security.capability",
+            "-v",
+            "0x0100000200200000000000000000000000000000",
+        ])
+        .arg(&f));
+    sh(Command::new("setfacl").args(["-m", "u:4321:rx"]).arg(&f));
+    chmod(&f, 0o4750);
+    sh(Command::new("touch")
+        .args(["-m", "-d", "2001-02-03 04:05:06.789"])
+        .arg(&f));
+    fs::create_dir(lower.join("dir")).unwrap();
+    std::os::unix::fs::chown(lower.join("dir"), Some(42), Some(43)).unwrap();
+    chmod(lower.join("dir"), 0o2711);
+    write(lower.join("dir/inner"), b"x");
+    let before = fs::metadata(&f).unwrap();
+    let digest = layer_digest(&lower);
+
+    let m = UnionMount::mount(&[&lower], Some(&upper), &s.mkdir("mnt"), &[]);
+    // Open for writing without writing: a pure copy-up.
+    drop(
+        fs::OpenOptions::new()
+            .append(true)
+            .open(m.path("tool"))
+            .unwrap(),
+    );
+    // Copy-up of the parent directory comes with a child's.
+    fs::OpenOptions::new()
+        .append(true)
+        .open(m.path("dir/inner"))
+        .unwrap()
+        .write_all(b"y")
+        .unwrap();
+
+    let up = upper.join("tool");
+    let after = fs::metadata(&up).unwrap();
+    assert_eq!((after.uid(), after.gid()), (1234, 5678));
+    assert_eq!(after.mode(), before.mode(), "mode incl. setuid");
+    assert_eq!(
+        (after.mtime(), after.mtime_nsec()),
+        (before.mtime(), before.mtime_nsec())
+    );
+    assert_eq!(after.size(), before.size());
+    assert!(
+        after.blocks() * 512 < 1 << 20,
+        "holes kept: {} blocks",
+        after.blocks()
+    );
+    assert_eq!(
+        user_xattrs(&up).get("user.note").map(|v| v.as_slice()),
+        Some(&b"kept"[..])
+    );
+    let caps = xattrs_with_prefix(&up, "security.capability");
+    assert_eq!(caps.len(), 1, "file capability copied");
+    let acl = sh(Command::new("getfacl").arg("-c").arg(&up));
+    assert!(String::from_utf8_lossy(&acl.stdout).contains("user:4321:r-x"));
+    let d = fs::metadata(upper.join("dir")).unwrap();
+    assert_eq!((d.uid(), d.gid(), d.mode() & 0o7777), (42, 43, 0o2711));
+    assert_eq!(fs::read(upper.join("dir/inner")).unwrap(), b"xy");
+    let mut data = vec![0u8; 4];
+    fs::File::open(m.path("tool"))
+        .unwrap()
+        .read_exact_at(&mut data, 32 << 20)
+        .unwrap();
+    assert_eq!(&data, b"tail");
+    drop(m);
+    assert_eq!(layer_digest(&lower), digest, "lower changed");
+}
+
+#[test]
+fn open_descriptors_and_mappings_follow_the_copy_up() {
+    let s = Scratch::new();
+    let (lower, upper) = layers(&s);
+    write(lower.join("f"), &vec![b'L'; 8192]);
+    write(lower.join("mapped"), &vec![b'M'; 8192]);
+    let digest = layer_digest(&lower);
+    let m = UnionMount::mount(&[&lower], Some(&upper), &s.mkdir("mnt"), &[]);
+
+    let reader = fs::File::open(m.path("f")).unwrap();
+    let mut buf = [0u8; 4];
+    reader.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"LLLL");
+    let writer = fs::OpenOptions::new()
+        .write(true)
+        .open(m.path("f"))
+        .unwrap();
+    writer.write_all_at(b"NEW!", 0).unwrap();
+    drop(writer);
+    reader.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(
+        &buf, b"NEW!",
+        "a descriptor opened before the copy-up sees new data"
+    );
+
+    // A shared mapping made before the copy-up sees writes made after it.
+    let script = format!(
+        "import mmap,os\n\
+         f=open('{p}','rb')\nm=mmap.mmap(f.fileno(),0,prot=mmap.PROT_READ)\nassert m[0:4]==b'MMMM'\n\
+         fd=os.open('{p}',os.O_WRONLY)\nos.pwrite(fd,b'abcd',0)\nos.close(fd)\n\
+         assert m[0:4]==b'abcd', m[0:4]\nprint('ok')",
+        p = m.path("mapped").display()
+    );
+    sh(Command::new("python3").arg("-c").arg(&script));
+    drop(m);
+    assert_eq!(fs::read(upper.join("f")).unwrap()[..4], *b"NEW!");
+    assert_eq!(layer_digest(&lower), digest, "lower changed");
+}
+
+#[test]
+fn racing_writers_copy_up_once() {
+    let s = Scratch::new();
+    let (lower, upper) = layers(&s);
+    write(lower.join("shared"), &vec![b'.'; 1 << 20]);
+    let digest = layer_digest(&lower);
+    let m = UnionMount::mount(&[&lower], Some(&upper), &s.mkdir("mnt"), &[]);
+    let path = m.path("shared");
+    let threads: Vec<_> = (0..8u8)
+        .map(|i| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+                f.write_all_at(&[b'0' + i; 16], i as u64 * 4096).unwrap();
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let data = fs::read(&path).unwrap();
+    assert_eq!(data.len(), 1 << 20);
+    for i in 0..8u8 {
+        let at = i as usize * 4096;
+        assert_eq!(&data[at..at + 16], &[b'0' + i; 16], "writer {i} lost");
+    }
+    assert_eq!(fs::read(upper.join("shared")).unwrap(), data);
+    let work = s.path(".upper.unionfs-work/work");
+    assert_eq!(
+        fs::read_dir(&work).unwrap().count(),
+        0,
+        "work dir left with temp files"
+    );
+    drop(m);
+    assert_eq!(layer_digest(&lower), digest, "lower changed");
+}
+
+#[test]
+fn o_trunc_copies_metadata_only() {
+    let s = Scratch::new();
+    let (lower, upper) = layers(&s);
+    let big = fs::File::create(lower.join("big")).unwrap();
+    big.write_all_at(&vec![7u8; 1 << 20], 0).unwrap();
+    big.set_len(256 << 20).unwrap();
+    big.write_all_at(&vec![7u8; 1 << 20], 200 << 20).unwrap();
+    drop(big);
+    chmod(lower.join("big"), 0o600);
+    let m = UnionMount::mount(&[&lower], Some(&upper), &s.mkdir("mnt"), &[]);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(m.path("big"))
+        .unwrap();
+    let up = fs::metadata(upper.join("big")).unwrap();
+    assert_eq!(up.size(), 0);
+    assert_eq!(up.mode() & 0o777, 0o600);
+    f.write_all(b"fresh").unwrap();
+    drop(f);
+    assert_eq!(fs::read(m.path("big")).unwrap(), b"fresh");
+    assert_eq!(fs::metadata(lower.join("big")).unwrap().size(), 256 << 20);
+}
+
+#[test]
+fn hard_links_to_lower_files_survive_a_remount() {
+    let s = Scratch::new();
+    let (lower, upper) = layers(&s);
+    write(lower.join("orig"), b"data");
+    let mnt = s.mkdir("mnt");
+    let m = UnionMount::mount(&[&lower], Some(&upper), &mnt, &[]);
+    fs::hard_link(m.path("orig"), m.path("link")).unwrap();
+    let (a, b) = (
+        fs::metadata(m.path("orig")).unwrap(),
+        fs::metadata(m.path("link")).unwrap(),
+    );
+    assert_eq!(a.ino(), b.ino());
+    assert_eq!((a.nlink(), b.nlink()), (2, 2));
+    drop(m);
+    let m = UnionMount::mount(&[&lower], Some(&upper), &mnt, &[]);
+    let (a, b) = (
+        fs::metadata(m.path("orig")).unwrap(),
+        fs::metadata(m.path("link")).unwrap(),
+    );
+    assert_eq!(a.ino(), b.ino(), "after remount");
+    assert_eq!((a.nlink(), b.nlink()), (2, 2), "after remount");
+    fs::OpenOptions::new()
+        .append(true)
+        .open(m.path("link"))
+        .unwrap()
+        .write_all(b"+")
+        .unwrap();
+    assert_eq!(fs::read(m.path("orig")).unwrap(), b"data+");
+}
+
+#[test]
+fn special_files_sync_and_fallocate() {
+    let s = Scratch::new();
+    let (lower, upper) = layers(&s);
+    write(lower.join("f"), b"lower");
+    let m = UnionMount::mount(&[&lower], Some(&upper), &s.mkdir("mnt"), &[]);
+    nix::unistd::mkfifo(
+        &m.path("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .unwrap();
+    nix::sys::stat::mknod(
+        &m.path("sock"),
+        nix::sys::stat::SFlag::S_IFSOCK,
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+        0,
+    )
+    .unwrap();
+    nix::sys::stat::mknod(
+        &m.path("null"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        libc::makedev(1, 3),
+    )
+    .unwrap();
+    let err = nix::sys::stat::mknod(
+        &m.path("wh"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::empty(),
+        0,
+    )
+    .unwrap_err();
+    assert_eq!(err, nix::errno::Errno::EPERM, "a 0/0 device is a whiteout");
+    assert_eq!(
+        fs::metadata(upper.join("null")).unwrap().rdev(),
+        libc::makedev(1, 3)
+    );
+    let script = format!(
+        "import os\nfd=os.open('{p}',os.O_RDWR)\nos.posix_fallocate(fd,0,1<<20)\nos.fsync(fd)\nos.fdatasync(fd)\n\
+         os.sync()\nd=os.open('{d}',os.O_RDONLY)\nos.fsync(d)\nprint(os.fstat(fd).st_size)",
+        p = m.path("f").display(),
+        d = m.mountpoint.display()
+    );
+    let out = sh(Command::new("python3").arg("-c").arg(&script));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        (1 << 20).to_string()
+    );
+    // Private xattrs cannot be set through the mount.
+    let out = run(Command::new("setfattr")
+        .args(["-n", "trusted.overlay.opaque", "-v", "y"])
+        .arg(m.path("f")));
+    assert!(!out.status.success());
+}
+
+#[test]
+fn sigkill_during_copy_up_leaves_old_or_new_never_partial() {
+    let s = Scratch::new();
+    let (lower, upper) = layers(&s);
+    let size: usize = 768 << 20;
+    {
+        let mut f = fs::File::create(lower.join("huge")).unwrap();
+        let chunk = vec![0xabu8; 8 << 20];
+        for _ in 0..size / chunk.len() {
+            f.write_all(&chunk).unwrap();
+        }
+    }
+    let mnt = s.mkdir("mnt");
+    let m = UnionMount::mount(&[&lower], Some(&upper), &mnt, &[]);
+    let pid = m.daemon_pid().expect("daemon pid");
+    // The writer runs in a child process: its open is cut off when the
+    // daemon dies, and must not take the test down with it.
+    let mut writer = Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            "import os\nos.open('{}', os.O_WRONLY)",
+            m.path("huge").display()
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let work = s.path(".upper.unionfs-work/work");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fs::read_dir(&work).map(|d| d.count()).unwrap_or(0) == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let _ = writer.wait();
+    drop(m);
+    wait_until(|| !is_mounted(&mnt));
+
+    let m = UnionMount::mount(&[&lower], Some(&upper), &mnt, &[]);
+    assert_eq!(
+        fs::read_dir(&work).unwrap().count(),
+        0,
+        "leftovers removed at mount"
+    );
+    match fs::metadata(upper.join("huge")) {
+        Ok(meta) => assert_eq!(
+            meta.len() as usize,
+            size,
+            "a copy-up in the upper is complete"
+        ),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::NotFound),
+    }
+    let merged = fs::metadata(m.path("huge")).unwrap();
+    assert_eq!(merged.len() as usize, size);
+    assert_eq!(
+        fs::metadata(lower.join("huge")).unwrap().len() as usize,
+        size
+    );
+}
+
+#[test]
+fn whiteouts_and_opaque_dirs_in_the_upper_are_kernel_format() {
+    let s = Scratch::new();
+    let (lower, upper) = layers(&s);
+    write(lower.join("file"), b"x");
+    write(lower.join("dir/a"), b"a");
+    write(lower.join("dir/b"), b"b");
+    let m = UnionMount::mount(&[&lower], Some(&upper), &s.mkdir("mnt"), &[]);
+    fs::remove_file(m.path("file")).unwrap();
+    fs::remove_dir_all(m.path("dir")).unwrap();
+    fs::create_dir(m.path("dir")).unwrap();
+    write(m.path("dir/new"), b"n");
+    // An upper-only file needs no whiteout.
+    write(m.path("tmp"), b"t");
+    fs::remove_file(m.path("tmp")).unwrap();
+    drop(m);
+    let wh = fs::symlink_metadata(upper.join("file")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(&wh.file_type()) && wh.rdev() == 0);
+    assert_eq!(
+        xattrs_with_prefix(&upper.join("dir"), "trusted.overlay.opaque")
+            .get("trusted.overlay.opaque")
+            .map(|v| v.as_slice()),
+        Some(&b"y"[..])
+    );
+    assert!(!upper.join("tmp").exists());
+    assert_eq!(fs::read_dir(upper.join("dir")).unwrap().count(), 1);
+}
+
+#[test]
+fn moving_lower_directories_uses_kernel_redirects() {
+    let s = Scratch::new();
+    let (lower, upper) = layers(&s);
+    write(lower.join("src/tree/deep/file"), b"deep");
+    write(lower.join("src/tree/top"), b"top");
+    write(lower.join("other/x"), b"x");
+    let digest = layer_digest(&lower);
+    let mnt = s.mkdir("mnt");
+    let m = UnionMount::mount(&[&lower], Some(&upper), &mnt, &[]);
+    // Same directory, then across directories, then a child of a moved one.
+    fs::rename(m.path("src/tree"), m.path("src/renamed")).unwrap();
+    fs::rename(m.path("src/renamed"), m.path("other/moved")).unwrap();
+    fs::rename(m.path("other/moved/deep"), m.path("deep-at-root")).unwrap();
+    write(m.path("other/moved/added"), b"new");
+    assert!(!m.path("src/tree").exists());
+    assert_eq!(fs::read(m.path("other/moved/top")).unwrap(), b"top");
+    assert_eq!(fs::read(m.path("deep-at-root/file")).unwrap(), b"deep");
+    let tree = snapshot(&m.mountpoint);
+    drop(m);
+    let redirect = |p: &str| {
+        xattrs_with_prefix(&upper.join(p), "trusted.overlay.redirect")
+            .remove("trusted.overlay.redirect")
+            .map(|v| String::from_utf8(v).unwrap())
+    };
+    assert_eq!(redirect("other/moved").as_deref(), Some("/src/tree"));
+    assert_eq!(redirect("deep-at-root").as_deref(), Some("/src/tree/deep"));
+
+    // unionfs again, and kernel overlayfs with redirect_dir=on, read the same tree.
+    let m = UnionMount::mount(&[&lower], Some(&upper), &mnt, &[]);
+    let diffs = diff_trees("before", &tree, "remounted", &snapshot(&m.mountpoint));
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+    drop(m);
+    let kernel = KernelMount::mount(
+        &[&lower],
+        Some((&upper, &s.mkdir("kwork"))),
+        &s.mkdir("kmnt"),
+        "redirect_dir=on",
+    );
+    let diffs = diff_trees("unionfs", &tree, "kernel", &snapshot(&kernel.mountpoint));
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+    drop(kernel);
+    assert_eq!(layer_digest(&lower), digest, "lower changed");
+}
+
+#[test]
+fn a_listing_stays_sane_while_the_directory_changes() {
+    let s = Scratch::new();
+    let (lower, upper) = layers(&s);
+    for i in 0..2000 {
+        write(lower.join(format!("d/l{i:04}")), b"");
+    }
+    let m = UnionMount::mount(&[&lower], Some(&upper), &s.mkdir("mnt"), &[]);
+    let mut names = std::collections::HashSet::new();
+    let mut dir = fs::read_dir(m.path("d")).unwrap();
+    for _ in 0..500 {
+        names.insert(dir.next().unwrap().unwrap().file_name());
+    }
+    for i in 0..300 {
+        write(m.path(&format!("d/new{i}")), b"");
+        fs::remove_file(m.path(&format!("d/l{:04}", 1999 - i))).unwrap();
+    }
+    for entry in dir {
+        let name = entry.unwrap().file_name();
+        assert!(names.insert(name.clone()), "{name:?} listed twice");
+    }
+    // POSIX leaves it open whether names added or removed meanwhile show;
+    // every name that stayed must, once.
+    for i in 0..1700 {
+        let name = std::ffi::OsString::from(format!("l{i:04}"));
+        assert!(names.contains(&name), "{name:?} skipped");
+    }
+    assert!(names.len() <= 2300);
+    assert_eq!(
+        fs::read_dir(m.path("d")).unwrap().count(),
+        2000,
+        "a new listing sees the changes"
+    );
+}
