@@ -514,7 +514,7 @@ fn random_sequences_match_kernel_overlayfs() {
     let sequences: u64 = std::env::var("UNIONFS_DIFF_SEQUENCES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
+        .unwrap_or(300);
     let first: u64 = std::env::var("UNIONFS_DIFF_SEED")
         .ok()
         .and_then(|v| v.parse().ok())

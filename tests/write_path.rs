@@ -456,3 +456,50 @@ fn a_listing_stays_sane_while_the_directory_changes() {
         "a new listing sees the changes"
     );
 }
+
+#[test]
+fn a_long_copy_up_does_not_block_other_files() {
+    let s = Scratch::new();
+    let (lower, upper) = layers(&s);
+    {
+        let mut f = fs::File::create(lower.join("huge")).unwrap();
+        let chunk = vec![0x5au8; 8 << 20];
+        for _ in 0..96 {
+            f.write_all(&chunk).unwrap();
+        }
+    }
+    for i in 0..50 {
+        write(lower.join(format!("small/{i}")), b"s");
+    }
+    let m = UnionMount::mount(
+        &[&lower],
+        Some(&upper),
+        &s.mkdir("mnt"),
+        &["--threads", "2"],
+    );
+    fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    let huge = m.path("huge");
+    let copier = std::thread::spawn(move || {
+        let started = Instant::now();
+        drop(fs::OpenOptions::new().write(true).open(&huge).unwrap());
+        started.elapsed()
+    });
+    std::thread::sleep(Duration::from_millis(20));
+    let mut slowest = Duration::ZERO;
+    let mut done = 0;
+    while !copier.is_finished() && done < 50 {
+        let t = Instant::now();
+        let data = fs::read(m.path(&format!("small/{done}"))).unwrap();
+        assert_eq!(data, b"s");
+        slowest = slowest.max(t.elapsed());
+        done += 1;
+    }
+    let copy_time = copier.join().unwrap();
+    eprintln!("copy-up took {copy_time:?}; {done} reads meanwhile, slowest {slowest:?}");
+    if done > 0 && copy_time > Duration::from_millis(200) {
+        assert!(
+            slowest < copy_time / 2,
+            "reads waited for the copy-up: slowest {slowest:?}, copy-up {copy_time:?}"
+        );
+    }
+}
