@@ -367,6 +367,16 @@ impl Overlay {
         if !self.layers[state.layer].upper {
             return Ok(state.attr);
         }
+        if node.is_unlinked() {
+            // Its old name may hold another file by now: ask an open handle.
+            let mut attr = match self.handles.files_of(node.id).first() {
+                Some(open) => Attr::from_stat(&fstat(&*open.file()).sys("fstat")?),
+                None => state.attr,
+            };
+            attr.ino = node.id;
+            attr.nlink = 0;
+            return Ok(attr);
+        }
         let raw = match self.backing(node)? {
             Backing::Dir(stack) => fstat(stack.top().fd()).sys("fstat"),
             Backing::Entry {

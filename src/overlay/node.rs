@@ -127,6 +127,8 @@ pub struct Node {
     state: RwLock<NodeState>,
     /// Held while the node is copied up, so racing writers copy up once.
     pub copy_up_lock: Mutex<()>,
+    /// Its last name is gone; it lives on through open handles only.
+    unlinked: std::sync::atomic::AtomicBool,
 }
 
 impl Node {
@@ -138,7 +140,16 @@ impl Node {
             loc: RwLock::new(loc),
             state: RwLock::new(state),
             copy_up_lock: Mutex::new(()),
+            unlinked: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    pub fn mark_unlinked(&self) {
+        self.unlinked.store(true, Ordering::Release);
+    }
+
+    pub fn is_unlinked(&self) -> bool {
+        self.unlinked.load(Ordering::Acquire)
     }
 
     pub fn set_state(&self, state: NodeState) {

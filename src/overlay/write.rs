@@ -302,7 +302,12 @@ impl Overlay {
         } else {
             self.make_whiteout(upper.fd(), name).map_err(ctx)?;
         }
-        child.remove_name(parent, name);
+        if child.remove_name(parent, name) {
+            // Other names of the file see its link count drop.
+            self.invalidate_attr(child.id);
+        } else {
+            child.mark_unlinked();
+        }
         self.dentries
             .insert((parent, name.to_os_string()), Dentry::Negative);
         Ok(())
@@ -384,6 +389,20 @@ impl Overlay {
         let work = self.work()?;
 
         if mode == RenameMode::Exchange {
+            // Each directory lands in the other's parent; like a move, it is
+            // made opaque there if that parent is merged.
+            if src_attr.is_dir() && src_redirect.is_none() && self.is_merged_stack(&dst_stack) {
+                let (dir, n) = self.upper_location(&src)?;
+                self.mark_opaque(XattrTarget::Entry(dir.top().fd(), &n))?;
+            }
+            if let Some((dnode, dattr)) = &dst
+                && dattr.is_dir()
+                && dst_redirect.is_none()
+                && self.is_merged_stack(&src_stack)
+            {
+                let (dir, n) = self.upper_location(dnode)?;
+                self.mark_opaque(XattrTarget::Entry(dir.top().fd(), &n))?;
+            }
             renameat2(
                 src_dir.fd(),
                 name,
@@ -477,6 +496,8 @@ impl Overlay {
                 dnode.rename(new_parent, new_name, &self.node(parent)?, name);
             } else if dnode.remove_name(new_parent, new_name) {
                 self.invalidate_attr(dnode.id);
+            } else {
+                dnode.mark_unlinked();
             }
         }
         self.forget_dentry(parent, name);
@@ -487,6 +508,9 @@ impl Overlay {
     /// setattr: copy-up, then chown, truncate, chmod, utimens on the upper.
     pub fn setattr(&self, id: u64, set: SetAttr, fh: Option<u64>) -> Result<Attr> {
         let node = self.node(id)?;
+        if node.is_unlinked() {
+            return self.setattr_unlinked(&node, set, fh);
+        }
         let data = if set.size == Some(0) {
             CopyData::MetadataOnly
         } else {
@@ -547,6 +571,39 @@ impl Overlay {
             .map_err(ctx)?;
         }
         self.getattr(id)
+    }
+
+    /// setattr of a file whose last name is gone: through an open handle.
+    fn setattr_unlinked(&self, node: &Arc<Node>, set: SetAttr, fh: Option<u64>) -> Result<Attr> {
+        let open = fh
+            .and_then(|fh| self.handles.file(fh))
+            .or_else(|| self.handles.files_of(node.id).into_iter().next())
+            .ok_or_else(|| Error::new(Errno::ENOENT, "setattr(unlinked)"))?;
+        let file = open.file();
+        if set.uid.is_some() || set.gid.is_some() {
+            nix::unistd::fchown(
+                &*file,
+                set.uid.map(Uid::from_raw),
+                set.gid.map(Gid::from_raw),
+            )
+            .sys("fchown")?;
+        }
+        if let Some(size) = set.size {
+            ftruncate(&*file, size as i64).sys("ftruncate")?;
+        }
+        if let Some(mode) = set.mode {
+            nix::sys::stat::fchmod(&*file, Mode::from_bits_truncate(mode & 0o7777))
+                .sys("fchmod")?;
+        }
+        if set.atime.is_some() || set.mtime.is_some() {
+            let ts = |t: Option<SetTime>| match t {
+                None => TimeSpec::UTIME_OMIT,
+                Some(SetTime::Now) => TimeSpec::UTIME_NOW,
+                Some(SetTime::At(s, ns)) => TimeSpec::new(s, ns),
+            };
+            nix::sys::stat::futimens(&*file, &ts(set.atime), &ts(set.mtime)).sys("futimens")?;
+        }
+        self.getattr(node.id)
     }
 
     pub fn setxattr(&self, id: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
