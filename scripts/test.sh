@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what the tests need (Debian packages, pjdfstest, the 'tests' user
+# pjdfstest switches to), then runs the test suite. Run as root: the tests
+# mount real FUSE and overlay filesystems.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=
+for tool in fusermount3 setfattr getfacl python3 unshare setpriv; do
+  command -v "$tool" >/dev/null || need_apt=1
+done
+if [ -n "$need_apt" ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 attr acl python3 util-linux kmod >/dev/null
+fi
+modprobe fuse 2>/dev/null || true
+modprobe overlay 2>/dev/null || true
+id tests >/dev/null 2>&1 || useradd --no-create-home --user-group tests
+export PJDFSTEST=${PJDFSTEST:-$HOME/.cargo/bin/pjdfstest}
+[ -x "$PJDFSTEST" ] || cargo install --locked --quiet pjdfstest
+
+cargo test --locked "$@"
