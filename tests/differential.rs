@@ -387,7 +387,15 @@ fn upper_snapshot(root: &Path) -> BTreeMap<PathBuf, String> {
         let m = fs::symlink_metadata(&path).unwrap();
         let ft = m.file_type();
         let mut opaque = xattrs_with_prefix(&path, "trusted.overlay.opaque");
-        opaque.extend(xattrs_with_prefix(&path, "trusted.overlay.redirect"));
+        let redirect = xattrs_with_prefix(&path, "trusted.overlay.redirect");
+        // The kernel may leave a redirect to the directory's own name (set
+        // before a rename that then failed): it changes nothing.
+        let own_name = rel.file_name().map(|n| n.as_encoded_bytes().to_vec());
+        opaque.extend(
+            redirect
+                .into_iter()
+                .filter(|(_, v)| Some(v) != own_name.as_ref()),
+        );
         let desc = if ft.is_dir() {
             for e in fs::read_dir(&path).unwrap() {
                 stack.push(rel.join(e.unwrap().file_name()));

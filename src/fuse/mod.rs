@@ -106,7 +106,7 @@ impl UnionFs {
             Ok((node, attr)) => reply.entry(
                 &self.ttl(node.state().layer),
                 &file_attr(&attr),
-                Generation(0),
+                Generation(node.generation),
             ),
             Err(e) => reply.error(errno(op, e)),
         }
@@ -179,7 +179,7 @@ impl Filesystem for UnionFs {
         match self.core.lookup(parent.0, name) {
             Ok((node, attr)) => {
                 let ttl = self.ttl(node.state().layer);
-                reply.entry(&ttl, &file_attr(&attr), Generation(0));
+                reply.entry(&ttl, &file_attr(&attr), Generation(node.generation));
             }
             Err(e) if e.errno() == nix::errno::Errno::ENOENT => {
                 // A negative entry the kernel may cache: names appear only
@@ -346,7 +346,7 @@ impl Filesystem for UnionFs {
                 &entry.name,
                 &ttl,
                 &file_attr(&attr),
-                Generation(0),
+                Generation(node.generation),
             ) {
                 // Did not fit: the kernel never saw it, so it holds no reference.
                 self.core.forget(node.id, 1);
@@ -589,7 +589,7 @@ impl Filesystem for UnionFs {
             IoMode::Passthrough(backing) => reply.created_passthrough(
                 &ttl,
                 &file_attr(&attr),
-                Generation(0),
+                Generation(node.generation),
                 FileHandle(fh),
                 FopenFlags::empty(),
                 &backing,
@@ -597,7 +597,7 @@ impl Filesystem for UnionFs {
             IoMode::Cached(flags) => reply.created(
                 &ttl,
                 &file_attr(&attr),
-                Generation(0),
+                Generation(node.generation),
                 FileHandle(fh),
                 flags,
             ),

@@ -52,7 +52,17 @@ impl Error {
     pub fn is_expected(&self) -> bool {
         matches!(
             self.errno,
-            Errno::ENOENT | Errno::ENODATA | Errno::ENOTEMPTY | Errno::EEXIST | Errno::ERANGE
+            Errno::ENOENT
+                | Errno::ENODATA
+                | Errno::ENOTEMPTY
+                | Errno::EEXIST
+                | Errno::ERANGE
+                | Errno::ENXIO
+                | Errno::ENAMETOOLONG
+                | Errno::ENOTDIR
+                | Errno::EISDIR
+                | Errno::ENOSPC
+                | Errno::EDQUOT
         )
     }
 }

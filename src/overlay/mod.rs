@@ -64,6 +64,17 @@ pub trait KernelCache: Send + Sync {
     fn invalidate_entry(&self, parent: u64, name: &OsStr);
 }
 
+/// What a node's name leads to, next to an object found elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backs {
+    /// The same inode: a hard link.
+    Same,
+    /// Nothing: the node's file is gone and its number was reused.
+    Gone,
+    /// Another file: the two share a number without being one object.
+    Other,
+}
+
 /// A cached answer for (parent node, name).
 #[derive(Debug, Clone, Copy)]
 enum Dentry {
@@ -266,12 +277,40 @@ impl Overlay {
         let mut id = self.ino_of(resolved.origin.0, resolved.origin.1);
         loop {
             match self.nodes.entry(id) {
-                Entry::Occupied(existing) => {
+                Entry::Occupied(mut existing) => {
                     let node = existing.get();
+                    // The number may have been reused: the file the node
+                    // stood for is gone (or going, as an unlink in another
+                    // directory races this lookup).
+                    let hard_link = kind != FileKind::Directory && node.kind == kind;
+                    let elsewhere = hard_link && !node.is_at(parent.id, name);
+                    let primary = if elsewhere {
+                        self.primary_name_backs(node, &resolved.attr)
+                    } else {
+                        Backs::Same
+                    };
+                    let reused = node.is_unlinked() || primary == Backs::Gone;
+                    if reused {
+                        // The backing inode number was reused after an
+                        // unlink: same id, next generation. References the
+                        // kernel still holds on the old inode carry over, so
+                        // its eventual FORGET balances.
+                        let fresh = Arc::new(self.new_node(
+                            id,
+                            node.generation + 1,
+                            parent,
+                            name,
+                            resolved,
+                        ));
+                        fresh.add_lookups(node.lookups() + 1);
+                        existing.insert(fresh.clone());
+                        return fresh;
+                    }
                     // Hard links share a node; two different directories, or
                     // objects of different types, never may.
                     let alias_ok = node.kind == kind
-                        && (kind != FileKind::Directory || node.is_at(parent.id, name));
+                        && (kind != FileKind::Directory || node.is_at(parent.id, name))
+                        && primary == Backs::Same;
                     if alias_ok {
                         node.add_lookups(1);
                         if kind != FileKind::Directory && !node.is_at(parent.id, name) {
@@ -283,17 +322,7 @@ impl Overlay {
                     id = self.inos.unique();
                 }
                 Entry::Vacant(slot) => {
-                    let merged = resolved.dir.as_ref().is_some_and(|d| d.is_merged());
-                    let attr = merged_attr(resolved.attr, id, merged);
-                    let node = Arc::new(Node::new(
-                        id,
-                        Location::new(Some(parent.clone()), name.to_os_string()),
-                        NodeState {
-                            layer: resolved.layer,
-                            attr,
-                            dir: resolved.dir.map(Arc::new),
-                        },
-                    ));
+                    let node = Arc::new(self.new_node(id, 0, parent, name, resolved));
                     node.add_lookups(1);
                     slot.insert(node.clone());
                     let live = self.live_nodes.fetch_add(1, Ordering::Relaxed) + 1;
@@ -311,6 +340,48 @@ impl Overlay {
             Some(id) => *id,
             None => self.inos.map(dev, ino),
         }
+    }
+
+    /// What the node's primary name leads to now, compared with the backing
+    /// object `attr` describes.
+    fn primary_name_backs(&self, node: &Node, attr: &Attr) -> Backs {
+        let Ok(Backing::Entry {
+            parent,
+            layer,
+            name,
+        }) = self.backing(node)
+        else {
+            return Backs::Gone;
+        };
+        let Some(dir) = parent.layer(layer) else {
+            return Backs::Gone;
+        };
+        match fstatat(dir.fd(), name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) if st.st_dev == attr.dev && st.st_ino == attr.backing_ino => Backs::Same,
+            Ok(_) => Backs::Other,
+            Err(_) => Backs::Gone,
+        }
+    }
+
+    fn new_node(
+        &self,
+        id: u64,
+        generation: u64,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        resolved: resolve::Resolved,
+    ) -> Node {
+        let merged = resolved.dir.as_ref().is_some_and(|d| d.is_merged());
+        Node::with_generation(
+            id,
+            generation,
+            Location::new(Some(parent.clone()), name.to_os_string()),
+            NodeState {
+                layer: resolved.layer,
+                attr: merged_attr(resolved.attr, id, merged),
+                dir: resolved.dir.map(Arc::new),
+            },
+        )
     }
 
     /// Drops `n` kernel references to `id`; the node goes when none are left.
@@ -414,13 +485,20 @@ impl Overlay {
     }
 
     /// Runs `f` with the xattr target naming the node's backing object.
-    fn with_xattr_target<T>(
+    pub(crate) fn with_xattr_target<T>(
         &self,
         node: &Node,
         f: impl FnOnce(XattrTarget<'_>) -> std::io::Result<T>,
         op: &'static str,
     ) -> Result<T> {
         let layer = node.state().layer;
+        if node.is_unlinked() {
+            // Only open handles reach a file whose last name is gone.
+            let open = self.handles.files_of(node.id).into_iter().next();
+            let open = open.ok_or_else(|| Error::new(Errno::ENOENT, op).with_path(node.path()))?;
+            let file = open.file();
+            return f(XattrTarget::Fd(file.as_fd())).sys(op);
+        }
         let result = match self.backing(node)? {
             Backing::Dir(stack) => f(XattrTarget::Fd(stack.top().fd())),
             Backing::Entry {

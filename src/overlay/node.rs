@@ -121,6 +121,10 @@ pub struct NodeState {
 #[derive(Debug)]
 pub struct Node {
     pub id: u64,
+    /// Bumped when the id is reused for a new object (the backing inode
+    /// number came back after an unlink); the kernel then retires the old
+    /// inode instead of confusing the two.
+    pub generation: u64,
     pub kind: FileKind,
     lookups: AtomicU64,
     loc: RwLock<Location>,
@@ -133,8 +137,13 @@ pub struct Node {
 
 impl Node {
     pub fn new(id: u64, loc: Location, state: NodeState) -> Node {
+        Node::with_generation(id, 0, loc, state)
+    }
+
+    pub fn with_generation(id: u64, generation: u64, loc: Location, state: NodeState) -> Node {
         Node {
             id,
+            generation,
             kind: state.attr.kind(),
             lookups: AtomicU64::new(0),
             loc: RwLock::new(loc),

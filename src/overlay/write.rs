@@ -610,15 +610,11 @@ impl Overlay {
         let cname = private_checked(name, "setxattr")?;
         let node = self.node(id)?;
         self.copy_up(&node, CopyData::All)?;
-        let (dir, entry) = self.upper_location(&node)?;
-        sys::set_xattr(
-            XattrTarget::Entry(dir.top().fd(), &entry),
-            &cname,
-            value,
-            flags,
+        self.with_xattr_target(
+            &node,
+            |t| sys::set_xattr(t, &cname, value, flags),
+            "setxattr",
         )
-        .sys("setxattr")
-        .map_err(|e| e.with_path(node.path()))
     }
 
     pub fn removexattr(&self, id: u64, name: &OsStr) -> Result<()> {
@@ -627,10 +623,7 @@ impl Overlay {
         // Nothing to copy up for an xattr the object does not have.
         self.getxattr(id, name)?;
         self.copy_up(&node, CopyData::All)?;
-        let (dir, entry) = self.upper_location(&node)?;
-        sys::remove_xattr(XattrTarget::Entry(dir.top().fd(), &entry), &cname)
-            .sys("removexattr")
-            .map_err(|e| e.with_path(node.path()))
+        self.with_xattr_target(&node, |t| sys::remove_xattr(t, &cname), "removexattr")
     }
 
     /// The upper directory stack holding the node and its name there. The
