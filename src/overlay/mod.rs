@@ -41,7 +41,7 @@ pub use error::{Error, Result};
 pub use handles::{DirHandle, Handles, OpenFile};
 use ino::{InoMapper, ROOT_ID};
 use layer::{Layer, open_beneath};
-use node::{DirStack, Location, Node, NodeState};
+use node::{DirLayer, DirStack, Location, Node, NodeState};
 pub use readdir::DirEntry;
 use workdir::WorkDir;
 
@@ -90,11 +90,7 @@ const MAX_NEGATIVE_DENTRIES: usize = 100_000;
 /// an entry `name` in one layer's copy of its parent directory.
 enum Backing {
     Dir(Arc<DirStack>),
-    Entry {
-        parent: Arc<DirStack>,
-        layer: usize,
-        name: OsString,
-    },
+    Entry { dir: Arc<DirLayer>, name: OsString },
 }
 
 pub struct Overlay {
@@ -345,15 +341,7 @@ impl Overlay {
     /// What the node's primary name leads to now, compared with the backing
     /// object `attr` describes.
     fn primary_name_backs(&self, node: &Node, attr: &Attr) -> Backs {
-        let Ok(Backing::Entry {
-            parent,
-            layer,
-            name,
-        }) = self.backing(node)
-        else {
-            return Backs::Gone;
-        };
-        let Some(dir) = parent.layer(layer) else {
+        let Ok(Backing::Entry { dir, name }) = self.backing(node) else {
             return Backs::Gone;
         };
         match fstatat(dir.fd(), name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
@@ -450,12 +438,7 @@ impl Overlay {
         }
         let raw = match self.backing(node)? {
             Backing::Dir(stack) => fstat(stack.top().fd()).sys("fstat"),
-            Backing::Entry {
-                parent,
-                layer,
-                name,
-            } => {
-                let dir = parent.layer(layer).ok_or_else(|| stale(node))?;
+            Backing::Entry { dir, name } => {
                 fstatat(dir.fd(), name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW).sys("fstatat")
             }
         }
@@ -477,9 +460,15 @@ impl Overlay {
             return Ok(Backing::Dir(dir));
         }
         let parent = node.parent().ok_or_else(|| stale(node))?;
+        let dir = parent
+            .dir_stack()?
+            .layers
+            .iter()
+            .find(|l| l.layer == state.layer)
+            .cloned()
+            .ok_or_else(|| stale(node))?;
         Ok(Backing::Entry {
-            parent: parent.dir_stack()?,
-            layer: state.layer,
+            dir,
             name: node.name(),
         })
     }
@@ -501,14 +490,7 @@ impl Overlay {
         }
         let result = match self.backing(node)? {
             Backing::Dir(stack) => f(XattrTarget::Fd(stack.top().fd())),
-            Backing::Entry {
-                parent,
-                layer,
-                name,
-            } => {
-                let dir = parent.layer(layer).ok_or_else(|| stale(node))?;
-                f(XattrTarget::Entry(dir.fd(), &name))
-            }
+            Backing::Entry { dir, name } => f(XattrTarget::Entry(dir.fd(), &name)),
         };
         result
             .sys(op)
@@ -521,16 +503,9 @@ impl Overlay {
             return Err(Error::new(Errno::EINVAL, "readlink"));
         }
         match self.backing(&node)? {
-            Backing::Entry {
-                parent,
-                layer,
-                name,
-            } => {
-                let dir = parent.layer(layer).ok_or_else(|| stale(&node))?;
-                readlinkat(dir.fd(), name.as_os_str())
-                    .sys("readlinkat")
-                    .map_err(|e| e.with_layer(layer).with_path(node.path()))
-            }
+            Backing::Entry { dir, name } => readlinkat(dir.fd(), name.as_os_str())
+                .sys("readlinkat")
+                .map_err(|e| e.with_layer(dir.layer).with_path(node.path())),
             Backing::Dir(_) => Err(Error::new(Errno::EINVAL, "readlink")),
         }
     }
@@ -548,17 +523,10 @@ impl Overlay {
         let keep = libc::O_ACCMODE | libc::O_APPEND | libc::O_NONBLOCK | libc::O_TRUNC;
         let oflags = OFlag::from_bits_truncate(flags & keep) | OFlag::O_NOCTTY;
         match self.backing(node)? {
-            Backing::Entry {
-                parent,
-                layer,
-                name,
-            } => {
-                let dir = parent.layer(layer).ok_or_else(|| stale(node))?;
-                open_beneath(dir.fd(), &name, oflags)
-                    .map(File::from)
-                    .sys("openat2")
-                    .map_err(|e| e.with_layer(layer).with_path(node.path()))
-            }
+            Backing::Entry { dir, name } => open_beneath(dir.fd(), &name, oflags)
+                .map(File::from)
+                .sys("openat2")
+                .map_err(|e| e.with_layer(layer).with_path(node.path())),
             Backing::Dir(_) => Err(Error::new(Errno::EISDIR, "open")),
         }
     }
