@@ -1,0 +1,344 @@
+#!/usr/bin/env python3
+"""Benchmarks unionfs against kernel overlayfs and fuse-overlayfs 1.x / 2.x
+on one fixed layer set, interleaved over several rounds, and prints (and
+writes to docs/benchmarks.md) the medians and the ratios. Run as root via
+scripts/bench.sh; see --help.
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, shell=True, check=True, text=True, capture_output=True, **kw).stdout
+
+
+def drop_caches():
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+# ---------------------------------------------------------------- layers
+
+def build_layers(base_dir, small_files, big_mib, wide):
+    done = os.path.join(base_dir, f".complete-{small_files}-{big_mib}-{wide}")
+    if os.path.exists(done):
+        return
+    shutil.rmtree(base_dir, ignore_errors=True)
+    base, thin1, thin2 = (os.path.join(base_dir, n) for n in ("base", "thin1", "thin2"))
+    for d in (base, thin1, thin2):
+        os.makedirs(d)
+    per_dir = 100
+    for i in range(small_files):
+        d = os.path.join(base, "tree", f"d{i // (per_dir * 20):02d}", f"e{(i // per_dir) % 20:02d}")
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, f"f{i % per_dir:03d}"), "wb") as f:
+            f.write(os.urandom(512 + (i * 37) % 3584))
+    wide_dir = os.path.join(base, "wide")
+    os.makedirs(wide_dir)
+    for i in range(wide):
+        os.close(os.open(os.path.join(wide_dir, f"w{i:06d}"), os.O_CREAT | os.O_WRONLY, 0o644))
+    with open(os.path.join(base, "big.bin"), "wb") as f:
+        chunk = os.urandom(1 << 20)
+        for _ in range(big_mib):
+            f.write(chunk)
+    # Thin layers shadow and white out part of the base.
+    for i in range(0, small_files, 20):
+        rel = os.path.join("tree", f"d{i // (per_dir * 20):02d}", f"e{(i // per_dir) % 20:02d}")
+        os.makedirs(os.path.join(thin1, rel), exist_ok=True)
+        with open(os.path.join(thin1, rel, f"f{i % per_dir:03d}"), "wb") as f:
+            f.write(b"shadowed by thin1\n")
+        j = i + 1
+        wh = os.path.join(thin1, rel, f"f{j % per_dir:03d}")
+        os.mknod(wh, 0o600 | 0o020000, 0)
+    for i in range(0, small_files, 200):
+        rel = os.path.join("tree", f"d{i // (per_dir * 20):02d}", f"e{(i // per_dir) % 20:02d}")
+        os.makedirs(os.path.join(thin2, rel), exist_ok=True)
+        with open(os.path.join(thin2, rel, "added"), "wb") as f:
+            f.write(b"thin2\n")
+    with tarfile.open(os.path.join(base_dir, "tree.tar"), "w") as t:
+        t.add(os.path.join(base, "tree"), arcname="tree")
+    open(done, "w").close()
+
+
+# ---------------------------------------------------------------- mounts
+
+class Impl:
+    def __init__(self, name, mount):
+        self.name, self._mount = name, mount
+
+    def mount(self, layers, upper, work, mnt):
+        lowers = ":".join(os.path.join(layers, n) for n in ("thin2", "thin1", "base"))
+        self._mount(lowers, upper, work, mnt)
+        deadline = time.time() + 20
+        while not os.path.ismount(mnt):
+            if time.time() > deadline:
+                raise RuntimeError(f"{self.name} did not mount")
+            time.sleep(0.01)
+
+    def daemon_pid(self, mnt):
+        if self.name == "kernel":
+            return None
+        out = subprocess.run(["pgrep", "-f", mnt], capture_output=True, text=True).stdout.split()
+        return int(out[0]) if out else None
+
+
+def implementations(unionfs, fo1, fo2):
+    impls = [Impl("kernel", lambda l, u, w, m: sh(
+        f"mount -t overlay overlay -o lowerdir={l},upperdir={u},workdir={w} {m}"))]
+    if fo1:
+        impls.append(Impl("fuse-overlayfs-1", lambda l, u, w, m: sh(
+            f"{fo1} -o lowerdir={l},upperdir={u},workdir={w} {m}")))
+    if fo2:
+        impls.append(Impl("fuse-overlayfs-2", lambda l, u, w, m: sh(
+            f"{fo2} -o lowerdir={l},upperdir={u},workdir={w} {m}")))
+    impls.append(Impl("unionfs", lambda l, u, w, m: sh(
+        f"{unionfs} mount --lower {l} --upper {u} --work {w} {m}")))
+    return impls
+
+
+def unmount(mnt):
+    for _ in range(50):
+        if not os.path.ismount(mnt):
+            return
+        if subprocess.run(["umount", mnt], capture_output=True).returncode != 0:
+            time.sleep(0.1)
+    subprocess.run(["umount", "-l", mnt], capture_output=True)
+
+
+# ---------------------------------------------------------------- workloads
+
+def fio(mnt, name, **opts):
+    args = [f"--{k}={v}" for k, v in opts.items()]
+    out = sh("fio --output-format=json --name=" + name + " " + " ".join(args), cwd=mnt)
+    job = json.loads(out)["jobs"]
+    read = sum(j["read"]["bw_bytes"] for j in job)
+    write = sum(j["write"]["bw_bytes"] for j in job)
+    iops = sum(j["read"]["iops"] + j["write"]["iops"] for j in job)
+    return read, write, iops
+
+
+def walk_stat(root):
+    n = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for f in filenames:
+            os.lstat(os.path.join(dirpath, f))
+            n += 1
+    return n
+
+
+def timed(fn):
+    t = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - t, result
+
+
+WORKLOADS = []
+
+
+def workload(name, unit, higher_is_better=True):
+    def register(fn):
+        WORKLOADS.append((name, unit, higher_is_better, fn))
+        return fn
+    return register
+
+
+@workload("seq read 1 GiB, cold", "MiB/s")
+def seq_read_cold(mnt, ctx):
+    drop_caches()
+    r, _, _ = fio(mnt, "seqcold", filename="big.bin", rw="read", bs="1M", size=f"{ctx.big}M", invalidate=1)
+    return r / 2**20
+
+
+@workload("seq read 1 GiB, warm", "MiB/s")
+def seq_read_warm(mnt, ctx):
+    fio(mnt, "prime", filename="big.bin", rw="read", bs="1M", size=f"{ctx.big}M", invalidate=0)
+    r, _, _ = fio(mnt, "seqwarm", filename="big.bin", rw="read", bs="1M", size=f"{ctx.big}M", invalidate=0)
+    return r / 2**20
+
+
+@workload("4k random read, 2 jobs, warm", "kIOPS")
+def rand_read(mnt, ctx):
+    _, _, iops = fio(mnt, "randread", filename="big.bin", rw="randread", bs="4k", size=f"{ctx.big}M",
+                     numjobs=2, time_based=1, runtime=ctx.runtime, invalidate=0)
+    return iops / 1000
+
+
+@workload("seq write 1 GiB new file, end_fsync", "MiB/s")
+def seq_write(mnt, ctx):
+    _, w, _ = fio(mnt, "seqwrite", filename="new.bin", rw="write", bs="1M", size=f"{ctx.big}M", end_fsync=1)
+    os.unlink(os.path.join(mnt, "new.bin"))
+    return w / 2**20
+
+
+@workload("4k random write, new file", "kIOPS")
+def rand_write(mnt, ctx):
+    _, _, iops = fio(mnt, "randwrite", filename="rw.bin", rw="randwrite", bs="4k", size="256M",
+                     time_based=1, runtime=ctx.runtime)
+    os.unlink(os.path.join(mnt, "rw.bin"))
+    return iops / 1000
+
+
+@workload("copy-up of the 1 GiB lower file", "s", higher_is_better=False)
+def copy_up(mnt, ctx):
+    drop_caches()
+    t, _ = timed(lambda: os.close(os.open(os.path.join(mnt, "big.bin"), os.O_WRONLY)))
+    return t
+
+
+@workload("stat every file, cold", "kfiles/s")
+def stat_cold(mnt, ctx):
+    drop_caches()
+    t, n = timed(lambda: walk_stat(os.path.join(mnt, "tree")))
+    return n / t / 1000
+
+
+@workload("stat every file, warm", "kfiles/s")
+def stat_warm(mnt, ctx):
+    walk_stat(os.path.join(mnt, "tree"))
+    t, n = timed(lambda: walk_stat(os.path.join(mnt, "tree")))
+    return n / t / 1000
+
+
+@workload("readdir of a 100k-entry directory", "kentries/s")
+def readdir_wide(mnt, ctx):
+    drop_caches()
+    t, n = timed(lambda: len(os.listdir(os.path.join(mnt, "wide"))))
+    return n / t / 1000
+
+
+@workload("create 10k small files", "kfiles/s")
+def create_small(mnt, ctx):
+    d = os.path.join(mnt, "created")
+    os.mkdir(d)
+
+    def create():
+        for i in range(10000):
+            fd = os.open(os.path.join(d, f"c{i}"), os.O_CREAT | os.O_WRONLY, 0o644)
+            os.write(fd, b"x" * 100)
+            os.close(fd)
+        return 10000
+    t, n = timed(create)
+    return n / t / 1000
+
+
+@workload("parallel stat walk, 4 processes", "kfiles/s")
+def parallel_walk(mnt, ctx):
+    walk_stat(os.path.join(mnt, "tree"))
+    subtrees = sorted(os.listdir(os.path.join(mnt, "tree")))
+    groups = [subtrees[i::4] for i in range(4)]
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, "-c",
+                               "import os,sys\nn=0\nfor r in sys.argv[1:]:\n for d,_,fs in os.walk(r):\n"
+                               "  for f in fs: os.lstat(os.path.join(d,f)); n+=1\nprint(n)"]
+                              + [os.path.join(mnt, "tree", s) for s in g], stdout=subprocess.PIPE, text=True)
+             for g in groups]
+    total = sum(int(p.communicate()[0]) for p in procs)
+    return total / (time.perf_counter() - t0) / 1000
+
+
+@workload("untar the tree into the mount", "s", higher_is_better=False)
+def untar(mnt, ctx):
+    dest = os.path.join(mnt, "untarred")
+    os.mkdir(dest)
+    t, _ = timed(lambda: sh(f"tar -C {dest} -xf {ctx.tarball}"))
+    return t
+
+
+@workload("rm -rf of the lower tree (whiteouts)", "s", higher_is_better=False)
+def rm_tree(mnt, ctx):
+    t, _ = timed(lambda: sh(f"rm -rf {os.path.join(mnt, 'tree')}"))
+    return t
+
+
+# ---------------------------------------------------------------- main
+
+class Ctx:
+    pass
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--files", type=int, default=20000)
+    ap.add_argument("--big-mib", type=int, default=1024)
+    ap.add_argument("--wide", type=int, default=100000)
+    ap.add_argument("--runtime", type=int, default=10, help="seconds of each time-based fio job")
+    ap.add_argument("--workdir", default="/var/tmp/unionfs-bench")
+    ap.add_argument("--unionfs", default=os.path.join(ROOT, "target/release/unionfs"))
+    ap.add_argument("--fuse-overlayfs-1", default=shutil.which("fuse-overlayfs") or "")
+    ap.add_argument("--fuse-overlayfs-2", default="/opt/fuse-overlayfs2/bin/fuse-overlayfs")
+    ap.add_argument("--only", default="", help="comma-separated workload name prefixes")
+    ap.add_argument("--output", default=os.path.join(ROOT, "docs/benchmarks.md"))
+    args = ap.parse_args()
+    fo2 = args.fuse_overlayfs_2 if os.path.exists(args.fuse_overlayfs_2) else ""
+
+    layers = os.path.join(args.workdir, "layers")
+    build_layers(layers, args.files, args.big_mib, args.wide)
+    ctx = Ctx()
+    ctx.big, ctx.runtime, ctx.tarball = args.big_mib, args.runtime, os.path.join(layers, "tree.tar")
+    impls = implementations(args.unionfs, args.fuse_overlayfs_1, fo2)
+    chosen = [w for w in WORKLOADS if not args.only or any(w[0].startswith(p) for p in args.only.split(","))]
+    results = {(w[0], i.name): [] for w in chosen for i in impls}
+    peak_rss = {i.name: 0 for i in impls}
+
+    for rnd in range(args.rounds):
+        for name, unit, _, fn in chosen:
+            for impl in impls:
+                run_dir = os.path.join(args.workdir, "run")
+                shutil.rmtree(run_dir, ignore_errors=True)
+                upper, work, mnt = (os.path.join(run_dir, n) for n in ("upper", "work", "mnt"))
+                for d in (upper, work, mnt):
+                    os.makedirs(d)
+                impl.mount(layers, upper, work, mnt)
+                try:
+                    value = fn(mnt, ctx)
+                    pid = impl.daemon_pid(mnt)
+                    if pid:
+                        with open(f"/proc/{pid}/status") as f:
+                            hwm = next(int(l.split()[1]) for l in f if l.startswith("VmHWM"))
+                        peak_rss[impl.name] = max(peak_rss[impl.name], hwm)
+                finally:
+                    unmount(mnt)
+                results[(name, impl.name)].append(value)
+                print(f"round {rnd + 1} {name:42} {impl.name:17} {value:10.2f} {unit}", flush=True)
+
+    names = [i.name for i in impls]
+    lines = ["| workload | unit | " + " | ".join(names) + " | unionfs/kernel | unionfs/fuse-overlayfs-2 |",
+             "|---|---|" + "---|" * (len(names) + 2)]
+    for name, unit, higher, _ in chosen:
+        med = {n: statistics.median(results[(name, n)]) for n in names}
+        def ratio(other):
+            if other not in med or med[other] == 0 or med["unionfs"] == 0:
+                return "-"
+            r = med["unionfs"] / med[other] if higher else med[other] / med["unionfs"]
+            return f"{r:.2f}"
+        lines.append(f"| {name} | {unit} | " + " | ".join(f"{med[n]:.2f}" for n in names)
+                     + f" | {ratio('kernel')} | {ratio('fuse-overlayfs-2')} |")
+    lines.append("| daemon peak RSS | MiB | " + " | ".join(
+        "-" if n == "kernel" else f"{peak_rss[n] / 1024:.1f}" for n in names) + " | - | - |")
+    table = "\n".join(lines)
+    print(table)
+    uname = os.uname()
+    with open(args.output, "w") as f:
+        f.write("# Benchmarks\n\nMedians of interleaved rounds; ratios > 1 mean unionfs is faster "
+                "(for times: the other takes longer).\n\n")
+        f.write(f"Command: `scripts/bench.sh {' '.join(sys.argv[1:])}`\n\n")
+        f.write(f"Machine: {os.cpu_count()} cores, Linux {uname.release}, layers on "
+                f"{sh('stat -f -c %T ' + args.workdir).strip()} ({time.strftime('%Y-%m-%d')}), "
+                f"{args.rounds} rounds, {args.files} small files + {args.big_mib} MiB file + "
+                f"{args.wide}-entry directory.\n\n")
+        f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
