@@ -291,11 +291,16 @@ def main():
     results = {(w[0], i.name): [] for w in chosen for i in impls}
     peak_rss = {i.name: 0 for i in impls}
 
+    runs = 0
     for rnd in range(args.rounds):
         for name, unit, _, fn in chosen:
             for impl in impls:
-                run_dir = os.path.join(args.workdir, "run")
-                shutil.rmtree(run_dir, ignore_errors=True)
+                # A fresh path for every mount: a FUSE daemon that exits late
+                # may unmount whatever sits on its old mountpoint by then
+                # (fuse-overlayfs 2.x does).
+                runs += 1
+                run_dir = os.path.join(args.workdir, f"run-{runs}")
+                shutil.rmtree(os.path.join(args.workdir, f"run-{runs - 2}"), ignore_errors=True)
                 upper, work, mnt = (os.path.join(run_dir, n) for n in ("upper", "work", "mnt"))
                 for d in (upper, work, mnt):
                     os.makedirs(d)

@@ -234,7 +234,11 @@ fn serve(mount: &ValidMount, ready: Option<OwnedFd>) -> Result<(), String> {
         let _ = File::from(ready).write_all(b"ok");
     }
     let result = session.run();
-    if let Some(path) = pid_file {
+    // A new mount on the same mountpoint may already have written its own
+    // pid there: remove the file only while it is still ours.
+    if let Some(path) = pid_file
+        && fs::read_to_string(&path).is_ok_and(|s| s.trim() == std::process::id().to_string())
+    {
         let _ = fs::remove_file(path);
     }
     result.map_err(|e| format!("FUSE session ended with an error: {e}"))
