@@ -300,6 +300,7 @@ def main():
                 # (fuse-overlayfs 2.x does).
                 runs += 1
                 run_dir = os.path.join(args.workdir, f"run-{runs}")
+                shutil.rmtree(run_dir, ignore_errors=True)
                 shutil.rmtree(os.path.join(args.workdir, f"run-{runs - 2}"), ignore_errors=True)
                 upper, work, mnt = (os.path.join(run_dir, n) for n in ("upper", "work", "mnt"))
                 for d in (upper, work, mnt):
