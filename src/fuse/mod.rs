@@ -131,6 +131,13 @@ fn errno(op: &str, e: Error) -> Errno {
     Errno::from_i32(e.raw_errno())
 }
 
+fn reply_empty(reply: ReplyEmpty, op: &str, result: crate::overlay::Result<()>) {
+    match result {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(op, e)),
+    }
+}
+
 fn xattr_reply(reply: ReplyXattr, size: u32, data: &[u8]) {
     if size == 0 {
         reply.size(data.len() as u32);
@@ -399,10 +406,11 @@ impl Filesystem for UnionFs {
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        match self.core.access(ino.0, req.uid(), req.gid(), mask.bits()) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("access", e)),
-        }
+        reply_empty(
+            reply,
+            "access",
+            self.core.access(ino.0, req.uid(), req.gid(), mask.bits()),
+        );
     }
 
     fn lseek(
@@ -525,17 +533,11 @@ impl Filesystem for UnionFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.core.remove(parent.0, name, false) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("unlink", e)),
-        }
+        reply_empty(reply, "unlink", self.core.remove(parent.0, name, false));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.core.remove(parent.0, name, true) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("rmdir", e)),
-        }
+        reply_empty(reply, "rmdir", self.core.remove(parent.0, name, true));
     }
 
     fn rename(
@@ -557,10 +559,11 @@ impl Filesystem for UnionFs {
         } else {
             RenameMode::Replace
         };
-        match self.core.rename(parent.0, name, newparent.0, newname, mode) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("rename", e)),
-        }
+        reply_empty(
+            reply,
+            "rename",
+            self.core.rename(parent.0, name, newparent.0, newname, mode),
+        );
     }
 
     fn create(
@@ -630,10 +633,7 @@ impl Filesystem for UnionFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.core.fsync(fh.0, datasync) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("fsync", e)),
-        }
+        reply_empty(reply, "fsync", self.core.fsync(fh.0, datasync));
     }
 
     fn fsyncdir(
@@ -644,10 +644,7 @@ impl Filesystem for UnionFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.core.fsyncdir(ino.0) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("fsyncdir", e)),
-        }
+        reply_empty(reply, "fsyncdir", self.core.fsyncdir(ino.0));
     }
 
     fn fallocate(
@@ -702,17 +699,15 @@ impl Filesystem for UnionFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        match self.core.setxattr(ino.0, name, value, flags) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("setxattr", e)),
-        }
+        reply_empty(
+            reply,
+            "setxattr",
+            self.core.setxattr(ino.0, name, value, flags),
+        );
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.core.removexattr(ino.0, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("removexattr", e)),
-        }
+        reply_empty(reply, "removexattr", self.core.removexattr(ino.0, name));
     }
 }
 
