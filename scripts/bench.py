@@ -266,6 +266,41 @@ class Ctx:
     pass
 
 
+def ratios_from_table(markdown):
+    """(workload, unionfs/kernel, unionfs/fuse-overlayfs-2) rows of a results table."""
+    rows = []
+    for line in markdown.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 4 or cells[0] in ("workload", "daemon peak RSS") or cells[0].startswith("---"):
+            continue
+        try:
+            rows.append((cells[0], float(cells[-2]), float(cells[-1])))
+        except ValueError:
+            continue
+    return rows
+
+
+def draw_chart(rows, png):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [r[0] for r in rows][::-1]
+    kernel = [r[1] for r in rows][::-1]
+    fo2 = [r[2] for r in rows][::-1]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.5))
+    y = range(len(rows))
+    ax.barh([i + 0.2 for i in y], kernel, height=0.4, label="unionfs / kernel overlayfs")
+    ax.barh([i - 0.2 for i in y], fo2, height=0.4, label="unionfs / fuse-overlayfs 2.x")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_yticks(list(y))
+    ax.set_yticklabels(names)
+    ax.set_xlabel("ratio (> 1: unionfs faster)")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=3)
@@ -279,7 +314,13 @@ def main():
     ap.add_argument("--fuse-overlayfs-2", default="/opt/fuse-overlayfs2/bin/fuse-overlayfs")
     ap.add_argument("--only", default="", help="comma-separated workload name prefixes")
     ap.add_argument("--output", default=os.path.join(ROOT, "docs/benchmarks.md"))
+    ap.add_argument("--chart-only", action="store_true", help="redraw the PNG from the --output table")
     args = ap.parse_args()
+    png = os.path.splitext(args.output)[0] + ".png"
+    if args.chart_only:
+        with open(args.output) as f:
+            draw_chart(ratios_from_table(f.read()), png)
+        return
     fo2 = args.fuse_overlayfs_2 if os.path.exists(args.fuse_overlayfs_2) else ""
 
     layers = os.path.join(args.workdir, "layers")
@@ -344,6 +385,8 @@ def main():
                 f"{args.rounds} rounds, {args.files} small files + {args.big_mib} MiB file + "
                 f"{args.wide}-entry directory.\n\n")
         f.write(table + "\n")
+        f.write(f"\n![ratios]({os.path.basename(png)})\n")
+    draw_chart(ratios_from_table(table), png)
 
 
 if __name__ == "__main__":

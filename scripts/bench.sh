@@ -12,5 +12,6 @@ command -v fio >/dev/null && command -v fuse-overlayfs >/dev/null || {
 }
 [ -x /opt/fuse-overlayfs2/bin/fuse-overlayfs ] ||
   cargo install --locked --quiet fuse-overlayfs --root /opt/fuse-overlayfs2
+python3 -c 'import matplotlib' 2>/dev/null || pip install --quiet matplotlib
 cargo build --release --locked --quiet
 exec python3 scripts/bench.py "$@"
