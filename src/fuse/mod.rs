@@ -20,8 +20,6 @@ use fuser::{
 };
 use tracing::{debug, warn};
 
-use crate::overlay::attr::Attr;
-use crate::overlay::node::Node;
 use crate::overlay::write::{Caller, Created, NewObject, RenameMode, SetAttr, SetTime};
 use crate::overlay::{Error, OpenFile, Overlay};
 pub use convert::file_attr;
@@ -96,14 +94,9 @@ impl UnionFs {
         }
     }
 
-    fn entry_reply(
-        &self,
-        reply: ReplyEntry,
-        result: crate::overlay::Result<(Arc<Node>, Attr)>,
-        op: &str,
-    ) {
+    fn entry_reply(&self, reply: ReplyEntry, result: crate::overlay::Result<Created>, op: &str) {
         match result {
-            Ok((node, attr)) => reply.entry(
+            Ok(Created { node, attr, .. }) => reply.entry(
                 &self.ttl(node.state().layer),
                 &file_attr(&attr),
                 Generation(node.generation),
@@ -484,7 +477,7 @@ impl Filesystem for UnionFs {
             rdev: convert::decode_dev(rdev),
         };
         let result = self.core.create(parent.0, name, object, caller(req));
-        self.entry_reply(reply, result.map(|c| (c.node, c.attr)), "mknod");
+        self.entry_reply(reply, result, "mknod");
     }
 
     fn mkdir(
@@ -499,7 +492,7 @@ impl Filesystem for UnionFs {
         let result = self
             .core
             .create(parent.0, name, NewObject::Dir { mode }, caller(req));
-        self.entry_reply(reply, result.map(|c| (c.node, c.attr)), "mkdir");
+        self.entry_reply(reply, result, "mkdir");
     }
 
     fn symlink(
@@ -514,7 +507,7 @@ impl Filesystem for UnionFs {
             target: target.as_os_str(),
         };
         let result = self.core.create(parent.0, link_name, object, caller(req));
-        self.entry_reply(reply, result.map(|c| (c.node, c.attr)), "symlink");
+        self.entry_reply(reply, result, "symlink");
     }
 
     fn link(
@@ -529,7 +522,7 @@ impl Filesystem for UnionFs {
             self.core
                 .create(newparent.0, newname, NewObject::Link { node }, caller(req))
         });
-        self.entry_reply(reply, result.map(|c| (c.node, c.attr)), "link");
+        self.entry_reply(reply, result, "link");
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {

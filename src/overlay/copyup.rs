@@ -362,6 +362,20 @@ impl<'a> TempEntry<'a> {
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.work.fd()
     }
+
+    /// Atomically swaps the temp entry with `dir/name`: the built object
+    /// takes the name, and the temp name holds what was there (removed when
+    /// this is dropped).
+    pub fn swap_with(&self, dir: &super::node::DirLayer, name: &OsStr) -> Result<()> {
+        renameat2(
+            self.fd(),
+            self.name.as_os_str(),
+            dir.fd(),
+            name,
+            RenameFlags::RENAME_EXCHANGE,
+        )
+        .sys("renameat2(exchange)")
+    }
 }
 
 impl AsFd for TempEntry<'_> {

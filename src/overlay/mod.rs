@@ -251,10 +251,15 @@ impl Overlay {
             self.insert_negative(key);
             return Err(Error::new(Errno::ENOENT, "lookup"));
         };
-        let node = self.intern(&parent_node, name, resolved);
+        let (node, fresh) = self.intern(&parent_node, name, resolved);
         self.dentries.insert(key, Dentry::Positive(node.id));
-        // An existing node may hold attributes from before a copy-up.
-        let attr = self.node_attr(&node)?;
+        // A node made just now has the stat the resolution took; an existing
+        // one may hold attributes from before a copy-up.
+        let attr = if fresh {
+            node.state().attr
+        } else {
+            self.node_attr(&node)?
+        };
         Ok((node, attr))
     }
 
@@ -268,7 +273,14 @@ impl Overlay {
     }
 
     /// Finds or creates the node for a resolved name, with one reference.
-    fn intern(&self, parent: &Arc<Node>, name: &OsStr, resolved: resolve::Resolved) -> Arc<Node> {
+    /// Returns the node and whether it was made from `resolved` just now
+    /// (its attributes are then fresh; an existing node's may predate a copy-up).
+    fn intern(
+        &self,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        resolved: resolve::Resolved,
+    ) -> (Arc<Node>, bool) {
         let kind = resolved.attr.kind();
         let mut id = self.ino_of(resolved.origin.0, resolved.origin.1);
         loop {
@@ -300,7 +312,7 @@ impl Overlay {
                         ));
                         fresh.add_lookups(node.lookups() + 1);
                         existing.insert(fresh.clone());
-                        return fresh;
+                        return (fresh, true);
                     }
                     // Hard links share a node; two different directories, or
                     // objects of different types, never may.
@@ -312,7 +324,7 @@ impl Overlay {
                         if kind != FileKind::Directory && !node.is_at(parent.id, name) {
                             node.add_alias(parent, name);
                         }
-                        return node.clone();
+                        return (node.clone(), false);
                     }
                     drop(existing);
                     id = self.inos.unique();
@@ -323,7 +335,7 @@ impl Overlay {
                     slot.insert(node.clone());
                     let live = self.live_nodes.fetch_add(1, Ordering::Relaxed) + 1;
                     self.node_peak.fetch_max(live, Ordering::Relaxed);
-                    return node;
+                    return (node, true);
                 }
             }
         }

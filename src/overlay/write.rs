@@ -113,14 +113,7 @@ impl Overlay {
             if matches!(object, NewObject::Dir { .. }) {
                 self.mark_opaque(XattrTarget::Entry(tmp.fd(), &tmp.name))?;
             }
-            renameat2(
-                tmp.fd(),
-                tmp.name.as_os_str(),
-                upper.fd(),
-                name,
-                RenameFlags::RENAME_EXCHANGE,
-            )
-            .sys("renameat2(exchange whiteout)")?;
+            tmp.swap_with(upper, name)?;
             file
         } else {
             let file = self.make_object(upper.fd(), name, &object, owner, &parent_attr)?;
@@ -260,15 +253,7 @@ impl Overlay {
             let tmp = TempEntry::new(work);
             if needs_whiteout {
                 self.make_whiteout(tmp.fd(), &tmp.name)?;
-                renameat2(
-                    tmp.fd(),
-                    tmp.name.as_os_str(),
-                    upper.fd(),
-                    name,
-                    RenameFlags::RENAME_EXCHANGE,
-                )
-                .sys("renameat2(exchange)")
-                .map_err(ctx)?;
+                tmp.swap_with(upper, name).map_err(ctx)?;
             } else {
                 renameat2(
                     upper.fd(),
