@@ -503,3 +503,73 @@ fn a_long_copy_up_does_not_block_other_files() {
         );
     }
 }
+
+/// The kernel leaves dropping set-id bits to unionfs (FUSE_HANDLE_KILLPRIV_V2,
+/// so that it need not ask for security.capability before every write):
+/// writes, truncations and O_TRUNC opens by an unprivileged caller, through
+/// the daemon or passthrough, on lower and upper files, must end as they do
+/// on kernel overlayfs; root keeps the bits; file capabilities go on write.
+#[test]
+fn set_id_bits_and_capabilities_drop_as_on_kernel_overlayfs() {
+    const SCRIPT: &str = r#"
+import os, struct, subprocess, sys
+os.chdir(sys.argv[1])
+caps = struct.pack("<5I", 0x02000001, 1 << 13, 0, 0, 0)
+def as_nobody(code):
+    subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                    sys.executable, "-c", code], check=True)
+for where in ("lower", "new"):
+    for case in ("write", "truncate", "otrunc", "rootwrite", "caps"):
+        for mode in (0o4777, 0o2777, 0o6777, 0o2767):
+            f = f"{where}-{case}-{mode:o}"
+            if where == "new":
+                with open(f, "w") as out:
+                    out.write("data\n")
+            os.chmod(f, mode)
+            if case == "caps":
+                os.setxattr(f, "security.capability", caps)
+                with open(f, "a") as out:
+                    out.write("x")
+            elif case == "write":
+                as_nobody(f"open({f!r}, 'a').write('x')")
+            elif case == "truncate":
+                as_nobody(f"os.truncate({f!r}, 2)".replace("os.", "__import__('os')."))
+            elif case == "otrunc":
+                as_nobody(f"open({f!r}, 'w').write('x')")
+            else:
+                with open(f, "a") as out:
+                    out.write("x")
+            has_caps = "security.capability" in os.listxattr(f)
+            print(f, oct(os.stat(f).st_mode & 0o7777), os.stat(f).st_size, has_caps)
+"#;
+    let s = Scratch::new();
+    let lower = s.mkdir("lower");
+    for case in ["write", "truncate", "otrunc", "rootwrite", "caps"] {
+        for mode in ["4777", "2777", "6777", "2767"] {
+            write(lower.join(format!("lower-{case}-{mode}")), b"lower data\n");
+        }
+    }
+    let digest = layer_digest(&lower);
+    let run_on = |root: &std::path::Path| {
+        let out = sh(Command::new("python3").arg("-c").arg(SCRIPT).arg(root));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let kernel = KernelMount::mount(
+        &[&lower],
+        Some((&s.mkdir("kupper"), &s.mkdir("kwork"))),
+        &s.mkdir("kmnt"),
+        "",
+    );
+    let expected = run_on(&kernel.mountpoint);
+    drop(kernel);
+    let m = UnionMount::mount(&[&lower], Some(&s.mkdir("upper")), &s.mkdir("mnt"), &[]);
+    let got = run_on(&m.mountpoint);
+    drop(m);
+    assert_eq!(got.lines().count(), 40, "{got}");
+    assert!(expected.contains("new-write-4777 0o777 "), "{expected}");
+    assert_eq!(
+        got, expected,
+        "unionfs (left) and kernel overlayfs (right) differ"
+    );
+    assert_eq!(layer_digest(&lower), digest, "lower changed");
+}

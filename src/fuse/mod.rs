@@ -151,6 +151,10 @@ impl Filesystem for UnionFs {
             InitFlags::FUSE_POSIX_ACL,
             InitFlags::FUSE_ATOMIC_O_TRUNC,
             InitFlags::FUSE_ASYNC_DIO,
+            // The kernel otherwise asks GETXATTR(security.capability) before
+            // every write; with this it asks once per inode and leaves
+            // dropping set-id bits to us (see `setid_dropped_for`).
+            InitFlags::FUSE_HANDLE_KILLPRIV_V2,
         ];
         for flag in wanted {
             if config.add_capabilities(flag).is_err() {
@@ -215,8 +219,8 @@ impl Filesystem for UnionFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let (fh, open) = match self.core.open(ino.0, flags.0) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let (fh, open) = match self.core.open(ino.0, flags.0, setid_dropped_for(req)) {
             Ok(opened) => opened,
             Err(e) => return reply.error(errno("open", e)),
         };
@@ -423,7 +427,7 @@ impl Filesystem for UnionFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -448,6 +452,10 @@ impl Filesystem for UnionFs {
                 }
             })
         };
+        let nothing_to_set = [mode, uid, gid].iter().all(Option::is_none)
+            && size.is_none()
+            && atime.is_none()
+            && mtime.is_none();
         let set = SetAttr {
             mode,
             uid,
@@ -455,6 +463,13 @@ impl Filesystem for UnionFs {
             size,
             atime: time(atime),
             mtime: time(mtime),
+            // An empty setattr is what the kernel sends, once
+            // FUSE_HANDLE_KILLPRIV_V2 is on, for a passthrough write that
+            // must drop privileges: set-id bits (ours to drop) or file
+            // capabilities (the backing filesystem drops those as it writes).
+            drop_setid: (nothing_to_set || size.is_some())
+                .then(|| setid_dropped_for(req))
+                .flatten(),
         };
         match self.core.setattr(ino.0, set, fh.map(|f| f.0)) {
             Ok(attr) => reply.attr(&UPPER_TTL, &file_attr(&attr)),
@@ -602,17 +617,20 @@ impl Filesystem for UnionFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.core.write(fh.0, offset, data) {
+        let drop_setid = write_flags
+            .contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+            .then(|| caller(req));
+        match self.core.write(fh.0, offset, data, drop_setid) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno("write", e)),
         }
@@ -704,9 +722,18 @@ impl Filesystem for UnionFs {
     }
 }
 
+/// The caller, when a truncation by it must drop set-id bits. The kernel
+/// says so (FATTR_KILL_SUIDGID, FUSE_OPEN_KILL_SUIDGID) when the caller lacks
+/// CAP_FSETID, but fuser does not pass those flags on; a caller other than
+/// root is taken to lack it. Writes carry their own flag.
+fn setid_dropped_for(req: &Request) -> Option<Caller> {
+    (req.uid() != 0).then(|| caller(req))
+}
+
 fn caller(req: &Request) -> Caller {
     Caller {
         uid: req.uid(),
         gid: req.gid(),
+        pid: req.pid(),
     }
 }

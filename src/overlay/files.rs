@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::fcntl::{FallocateFlags, OFlag};
+use nix::sys::stat::{FileStat, Mode, fchmod, fstat};
 use nix::unistd::{Whence, fdatasync, fsync, lseek};
 
 use super::copyup::CopyData;
@@ -14,12 +15,19 @@ use super::error::{Error, Result, SysContext};
 use super::handles::OpenFile;
 use super::layer::open_beneath;
 use super::readdir::DirEntry;
+use super::write::Caller;
 use super::{FileKind, Overlay};
 
 impl Overlay {
     /// Opens a file; opening a lower file for writing copies it up first
     /// (only its metadata when O_TRUNC is about to drop the data).
-    pub fn open(&self, id: u64, flags: i32) -> Result<(u64, Arc<OpenFile>)> {
+    /// `drop_setid`: an opener who may not keep set-id bits over a truncation.
+    pub fn open(
+        &self,
+        id: u64,
+        flags: i32,
+        drop_setid: Option<Caller>,
+    ) -> Result<(u64, Arc<OpenFile>)> {
         let node = self.node(id)?;
         if wants_write(flags) {
             let data = if flags & libc::O_TRUNC != 0 {
@@ -30,12 +38,26 @@ impl Overlay {
             self.copy_up(&node, data)?;
         }
         let file = self.open_backing(&node, flags)?;
+        if let Some(caller) = drop_setid.filter(|_| flags & libc::O_TRUNC != 0) {
+            clear_setid_bits(&file, caller).map_err(|e| e.with_path(node.path()))?;
+        }
         Ok(self.handles.add_file(node, flags, file))
     }
 
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<usize> {
+    /// `drop_setid`: a writer who may not keep the file's set-id bits (the
+    /// kernel leaves that to us, as it does not ask before every write).
+    pub fn write(
+        &self,
+        fh: u64,
+        offset: u64,
+        data: &[u8],
+        drop_setid: Option<Caller>,
+    ) -> Result<usize> {
         let open = self.open_file(fh)?;
         let file = open.file();
+        if let Some(caller) = drop_setid {
+            clear_setid_bits(&file, caller).map_err(|e| e.with_path(open.node.path()))?;
+        }
         let result = if open.flags & libc::O_APPEND != 0 {
             // pwrite ignores the offset on O_APPEND files; the kernel already
             // chose it, so write at the end either way.
@@ -196,6 +218,31 @@ impl Overlay {
     pub fn releasedir(&self, fh: u64) {
         self.handles.remove_dir(fh);
     }
+}
+
+/// The mode without the set-id bits the kernel drops when `caller`, lacking
+/// CAP_FSETID, writes or truncates: set-user-ID always, set-group-ID when
+/// group execution makes it one or the caller is not in the file's group.
+/// None when nothing changes.
+pub(crate) fn setid_cleared(stat: &FileStat, caller: Caller) -> Option<Mode> {
+    let mode = stat.st_mode;
+    if mode & (libc::S_ISUID | libc::S_ISGID) == 0 {
+        return None;
+    }
+    let mut cleared = mode & !libc::S_ISUID;
+    if mode & libc::S_ISGID != 0 && (mode & libc::S_IXGRP != 0 || !caller.in_group(stat.st_gid)) {
+        cleared &= !libc::S_ISGID;
+    }
+    (cleared != mode).then(|| Mode::from_bits_truncate(cleared & 0o7777))
+}
+
+/// Applies `setid_cleared` to an open file. The daemon has CAP_FSETID, so
+/// its own writes would keep the bits.
+pub(crate) fn clear_setid_bits(file: &std::fs::File, caller: Caller) -> Result<()> {
+    if let Some(mode) = setid_cleared(&fstat(file).sys("fstat")?, caller) {
+        fchmod(file, mode).sys("fchmod")?;
+    }
+    Ok(())
 }
 
 pub fn wants_write(flags: i32) -> bool {

@@ -20,6 +20,7 @@ use nix::unistd::{Gid, Uid, UnlinkatFlags, fchownat, ftruncate, linkat, symlinka
 use super::attr::Attr;
 use super::copyup::{CopyData, TempEntry, upper_whiteout_at};
 use super::error::{Error, Result, SysContext};
+use super::files::{clear_setid_bits, setid_cleared};
 use super::handles::OpenFile;
 use super::layer::open_beneath;
 use super::marker;
@@ -33,6 +34,24 @@ use crate::sys::{self, XattrTarget};
 pub struct Caller {
     pub uid: u32,
     pub gid: u32,
+    pub pid: u32,
+}
+
+impl Caller {
+    /// Whether the caller is in group `gid`, supplementary groups included
+    /// (read from /proc only when the primary group does not match).
+    pub fn in_group(&self, gid: u32) -> bool {
+        if self.gid == gid {
+            return true;
+        }
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", self.pid)) else {
+            return false;
+        };
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Groups:"))
+            .is_some_and(|groups| groups.split_whitespace().any(|g| g.parse() == Ok(gid)))
+    }
 }
 
 /// The kinds of object `mknod` and friends create.
@@ -68,6 +87,9 @@ pub struct SetAttr {
     pub size: Option<u64>,
     pub atime: Option<SetTime>,
     pub mtime: Option<SetTime>,
+    /// Someone who may not keep the file's set-id bits writes or truncates
+    /// it: drop them (before `mode`, which wins).
+    pub drop_setid: Option<Caller>,
 }
 
 /// What rename should do (renameat2 flags).
@@ -529,6 +551,17 @@ impl Overlay {
                 .sys("ftruncate")
                 .map_err(ctx)?;
         }
+        if let Some(caller) = set.drop_setid {
+            let stat =
+                nix::sys::stat::fstatat(dirfd, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+                    .sys("fstatat")
+                    .map_err(ctx)?;
+            if let Some(mode) = setid_cleared(&stat, caller) {
+                fchmodat(dirfd, name.as_os_str(), mode, FchmodatFlags::FollowSymlink)
+                    .sys("fchmodat")
+                    .map_err(ctx)?;
+            }
+        }
         if let Some(mode) = set.mode {
             fchmodat(
                 dirfd,
@@ -575,6 +608,9 @@ impl Overlay {
         }
         if let Some(size) = set.size {
             ftruncate(&*file, size as i64).sys("ftruncate")?;
+        }
+        if let Some(caller) = set.drop_setid {
+            clear_setid_bits(&file, caller)?;
         }
         if let Some(mode) = set.mode {
             nix::sys::stat::fchmod(&*file, Mode::from_bits_truncate(mode & 0o7777))
