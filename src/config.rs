@@ -31,6 +31,8 @@ pub struct MountOptions {
     /// Skip fsync during copy-up (podman's `volatile`).
     pub volatile: bool,
     pub passthrough: bool,
+    /// Passthrough for lower files of writable mounts too (`passthrough=all`).
+    pub lower_passthrough: bool,
     pub nodev: bool,
     pub nosuid: bool,
     pub noexec: bool,
@@ -43,6 +45,7 @@ impl Default for MountOptions {
             read_only: false,
             volatile: false,
             passthrough: true,
+            lower_passthrough: false,
             nodev: false,
             nosuid: false,
             noexec: false,
@@ -129,7 +132,14 @@ pub fn apply_options(req: &mut MountRequest, arg: &str) {
             ("rw", None) => req.options.read_only = false,
             ("volatile", None) => req.options.volatile = true,
             ("passthrough", None) => req.options.passthrough = true,
-            ("nopassthrough", None) => req.options.passthrough = false,
+            ("passthrough", Some("all")) => {
+                req.options.passthrough = true;
+                req.options.lower_passthrough = true;
+            }
+            ("nopassthrough", None) => {
+                req.options.passthrough = false;
+                req.options.lower_passthrough = false;
+            }
             ("nodev", None) => req.options.nodev = true,
             ("nosuid", None) => req.options.nosuid = true,
             ("noexec", None) => req.options.noexec = true,

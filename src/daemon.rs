@@ -208,11 +208,18 @@ fn serve(mount: &ValidMount, ready: Option<OwnedFd>) -> Result<(), String> {
         core.clone(),
         AdapterOptions {
             passthrough: mount.options.passthrough,
+            lower_passthrough: mount.options.lower_passthrough,
         },
     );
     let session = start_session(fs, mount)
         .map_err(|e| format!("cannot mount on '{}': {e}", mount.mountpoint.display()))?;
     info!(mountpoint = %mount.mountpoint.display(), layers = core.layers().len(), "mounted");
+    let layer_dirs: Vec<PathBuf> = mount.upper.iter().chain(&mount.lowers).cloned().collect();
+    crate::readahead::match_layers(
+        &mount.mountpoint,
+        &layer_dirs,
+        u64::from(crate::fuse::MAX_READAHEAD / 1024),
+    );
     let notifier = AsyncNotifier::start(session.notifier())
         .map_err(|e| format!("spawn invalidation thread: {e}"))?;
     core.set_kernel_cache(Box::new(notifier));

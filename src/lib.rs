@@ -3,8 +3,8 @@
 //! * [`overlay`]: the layer/overlay core (resolution, whiteouts, the inode
 //!   table, caches). Knows nothing of FUSE.
 //! * [`fuse`]: the thin adapter from fuser requests to the core.
-//! * [`cli`], [`config`], [`daemon`]: the command line, mount validation and
-//!   the daemon's life cycle.
+//! * [`cli`], [`config`], [`daemon`], [`readahead`]: the command line, mount
+//!   validation, the daemon's life cycle and its mount's readahead.
 //! * [`sys`]: the raw syscalls; the only module with `unsafe`.
 
 pub mod cli;
@@ -12,4 +12,5 @@ pub mod config;
 pub mod daemon;
 pub mod fuse;
 pub mod overlay;
+pub mod readahead;
 pub mod sys;

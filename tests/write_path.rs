@@ -573,3 +573,56 @@ for where in ("lower", "new"):
     );
     assert_eq!(layer_digest(&lower), digest, "lower changed");
 }
+
+/// `-o passthrough=all`: lower files are read through the kernel's backing
+/// file; while one is open so, writing to it is refused (ETXTBSY) instead
+/// of reaching the lower layer, and once closed it copies up as usual.
+#[test]
+fn passthrough_all_refuses_writes_to_pinned_lower_files_and_never_touches_the_lower() {
+    let s = Scratch::new();
+    let (lower, upper) = layers(&s);
+    write(lower.join("dir/f"), b"original lower content\n");
+    let digest = layer_digest(&lower);
+    let m = UnionMount::mount(
+        &[&lower],
+        Some(&upper),
+        &s.mkdir("mnt"),
+        &["-o", "passthrough=all"],
+    );
+    let reader = fs::File::open(m.path("dir/f")).unwrap();
+    let mut head = [0u8; 8];
+    reader.read_exact_at(&mut head, 0).unwrap();
+    assert_eq!(&head, b"original");
+
+    let busy = fs::OpenOptions::new().write(true).open(m.path("dir/f"));
+    assert_eq!(busy.unwrap_err().raw_os_error(), Some(libc::ETXTBSY));
+    let busy = fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(m.path("dir/f"));
+    assert_eq!(busy.unwrap_err().raw_os_error(), Some(libc::ETXTBSY));
+    assert!(!upper.join("dir/f").exists(), "copied up while pinned");
+    drop(reader);
+
+    // The kernel lets go of the backing file at the last close; the release
+    // reaches the daemon just after.
+    let mut writer = None;
+    wait_until(|| {
+        writer = fs::OpenOptions::new()
+            .write(true)
+            .open(m.path("dir/f"))
+            .ok();
+        writer.is_some()
+    });
+    writer.unwrap().write_all_at(b"CHANGED!", 0).unwrap();
+    assert_eq!(
+        fs::read(m.path("dir/f")).unwrap(),
+        b"CHANGED! lower content\n"
+    );
+    drop(m);
+    assert_eq!(
+        fs::read(upper.join("dir/f")).unwrap(),
+        b"CHANGED! lower content\n"
+    );
+    assert_eq!(layer_digest(&lower), digest, "lower changed");
+}

@@ -26,6 +26,10 @@ pub use convert::file_attr;
 pub use notify::AsyncNotifier;
 use passthrough::Backings;
 
+/// The largest read the kernel sends in one request (fuser sizes max_pages
+/// from it), in bytes.
+pub const MAX_READAHEAD: u32 = 1 << 20;
+
 /// Lower layers are immutable while mounted: the kernel may cache them as
 /// long as it likes.
 const LOWER_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -42,6 +46,12 @@ enum IoMode {
 pub struct AdapterOptions {
     /// Try FUSE passthrough for regular files (needs CAP_SYS_ADMIN).
     pub passthrough: bool,
+    /// Lower files of writable mounts too: reads at the speed of the
+    /// lower filesystem, one page cache shared with everything else that
+    /// reads the layer. The kernel then holds the lower file for as long as
+    /// it is open, and no copy-up can replace it: writing to such a file
+    /// (open for write, truncate) fails with ETXTBSY until it is closed.
+    pub lower_passthrough: bool,
 }
 
 pub struct UnionFs {
@@ -67,8 +77,9 @@ impl UnionFs {
 
     /// Passthrough for upper files (and, on read-only mounts, lower ones:
     /// nothing can copy them up), cached I/O through the daemon otherwise.
-    /// Lower files of writable mounts are never passed through: a later
-    /// copy-up could not move a kernel-held backing file to the upper.
+    /// Lower files of writable mounts are passed through only when asked
+    /// (`lower_passthrough`): a later copy-up could not move a kernel-held
+    /// backing file to the upper.
     fn io_mode(
         &self,
         open: &OpenFile,
@@ -76,17 +87,14 @@ impl UnionFs {
         register: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> io::Result<BackingId>,
     ) -> IoMode {
         let in_upper = self.core.is_upper(open.node.state().layer);
-        let wanted = self.passthrough_enabled() && (in_upper || !self.core.has_upper());
-        let backing = self.backings.open(open.node.id, fh, wanted, || {
-            if in_upper {
-                // One backing file serves every open of the inode, readers
-                // and writers alike.
-                let file = self.core.open_backing(&open.node, libc::O_RDWR)?;
-                register(file.as_fd())
-            } else {
-                register(open.file().as_fd())
-            }
-        });
+        let wanted = self.passthrough_enabled()
+            && (in_upper || !self.core.has_upper() || self.options.lower_passthrough);
+        // The kernel opens its own backing file for each open, with that
+        // open's flags; the registered descriptor only names the inode, so
+        // one backing id serves readers and writers alike.
+        let backing = self
+            .backings
+            .open(open.node.id, fh, wanted, || register(open.file().as_fd()));
         match backing {
             Some(backing) => IoMode::Passthrough(backing),
             None if in_upper => IoMode::Cached(FopenFlags::empty()),
@@ -103,6 +111,19 @@ impl UnionFs {
             ),
             Err(e) => reply.error(errno(op, e)),
         }
+    }
+
+    /// A lower file the kernel reads through a passthrough backing file
+    /// (`lower_passthrough`): copying it up now would leave its open
+    /// descriptors reading the lower file, and the kernel would refuse the
+    /// upper copy as a second backing file; the writer has to wait.
+    fn lower_file_pinned(&self, id: u64) -> bool {
+        self.options.lower_passthrough
+            && self.backings.is_passed_through(id)
+            && self
+                .core
+                .node(id)
+                .is_ok_and(|node| !self.core.is_upper(node.state().layer))
     }
 
     fn ttl(&self, layer: usize) -> Duration {
@@ -171,7 +192,7 @@ impl Filesystem for UnionFs {
             }
         }
         let _ = config.set_max_write(1 << 20);
-        if let Err(max) = config.set_max_readahead(1 << 20) {
+        if let Err(max) = config.set_max_readahead(MAX_READAHEAD) {
             let _ = config.set_max_readahead(max);
         }
         let _ = config.set_max_background(64);
@@ -220,6 +241,9 @@ impl Filesystem for UnionFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if crate::overlay::wants_write(flags.0) && self.lower_file_pinned(ino.0) {
+            return reply.error(Errno::ETXTBSY);
+        }
         let (fh, open) = match self.core.open(ino.0, flags.0, setid_dropped_for(req)) {
             Ok(opened) => opened,
             Err(e) => return reply.error(errno("open", e)),
@@ -243,10 +267,13 @@ impl Filesystem for UnionFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.core.read(fh.0, offset, size) {
-            Ok(data) => reply.data(&data),
-            Err(e) => reply.error(errno("read", e)),
+        thread_local! {
+            static READ_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
+        READ_BUFFER.with_borrow_mut(|buf| match self.core.read_into(fh.0, offset, size, buf) {
+            Ok(()) => reply.data(buf),
+            Err(e) => reply.error(errno("read", e)),
+        });
     }
 
     fn flush(
@@ -257,7 +284,10 @@ impl Filesystem for UnionFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // Nothing to do at close: no writeback cache, locks are the
+        // kernel's. ENOSYS tells the kernel to stop sending FLUSH at all,
+        // one round trip less on every close.
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
@@ -452,6 +482,9 @@ impl Filesystem for UnionFs {
                 }
             })
         };
+        if size.is_some() && self.lower_file_pinned(ino.0) {
+            return reply.error(Errno::ETXTBSY);
+        }
         let nothing_to_set = [mode, uid, gid].iter().all(Option::is_none)
             && size.is_none()
             && atime.is_none()

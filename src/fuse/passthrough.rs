@@ -66,6 +66,13 @@ impl Backings {
         backing
     }
 
+    /// Whether the kernel may hold a backing file for `node` now.
+    pub fn is_passed_through(&self, node: u64) -> bool {
+        self.by_node
+            .get(&node)
+            .is_some_and(|io| io.backing.strong_count() > 0)
+    }
+
     pub fn release(&self, node: u64, fh: u64) {
         let Some((_, handle)) = self.by_handle.remove(&fh) else {
             return;

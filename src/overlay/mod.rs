@@ -38,6 +38,7 @@ use attr::Attr;
 pub use attr::FileKind;
 use error::SysContext;
 pub use error::{Error, Result};
+pub use files::wants_write;
 pub use handles::{DirHandle, Handles, OpenFile};
 use ino::{InoMapper, ROOT_ID};
 use layer::{Layer, open_beneath};

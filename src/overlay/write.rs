@@ -231,19 +231,21 @@ impl Overlay {
                 return Ok(None);
             }
         }
-        fchownat(
-            dir,
-            name,
-            Some(Uid::from_raw(owner.0)),
-            Some(Gid::from_raw(owner.1)),
-            AtFlags::AT_SYMLINK_NOFOLLOW,
-        )
-        .sys("fchownat")?;
-        // chown clears set-id bits; put the requested mode back.
-        if let Some(m) = mode
-            && m & (libc::S_ISUID | libc::S_ISGID) != 0
-        {
-            fchmodat(dir, name, mode_of(m), FchmodatFlags::FollowSymlink).sys("fchmodat")?;
+        if owner != self.default_owner(parent_attr) {
+            fchownat(
+                dir,
+                name,
+                Some(Uid::from_raw(owner.0)),
+                Some(Gid::from_raw(owner.1)),
+                AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .sys("fchownat")?;
+            // chown clears set-id bits; put the requested mode back.
+            if let Some(m) = mode
+                && m & (libc::S_ISUID | libc::S_ISGID) != 0
+            {
+                fchmodat(dir, name, mode_of(m), FchmodatFlags::FollowSymlink).sys("fchmodat")?;
+            }
         }
         Ok(file)
     }
@@ -813,6 +815,20 @@ impl Overlay {
 
 /// New objects belong to the caller; in a set-group-ID directory they take
 /// the directory's group, as the kernel does.
+impl Overlay {
+    /// The owner the daemon's own credentials give a new object in a
+    /// directory with `parent`'s attributes, so that chown can be skipped
+    /// when the caller's is the same.
+    fn default_owner(&self, parent: &Attr) -> (u32, u32) {
+        let caller = Caller {
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+            pid: 0,
+        };
+        owner_for(caller, parent)
+    }
+}
+
 fn owner_for(caller: Caller, parent: &Attr) -> (u32, u32) {
     let gid = if parent.mode & libc::S_ISGID != 0 {
         parent.gid
