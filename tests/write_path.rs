@@ -6,7 +6,7 @@ mod common;
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{DirEntryExt, FileExt, MetadataExt};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -625,4 +625,87 @@ fn passthrough_all_refuses_writes_to_pinned_lower_files_and_never_touches_the_lo
         b"CHANGED! lower content\n"
     );
     assert_eq!(layer_digest(&lower), digest, "lower changed");
+}
+
+/// The kernel caches listings (FOPEN_CACHE_DIR): every change through the
+/// mount must show in the next listing of each directory it touches, as on
+/// kernel overlayfs.
+#[test]
+fn cached_listings_follow_every_change() {
+    let s = Scratch::new();
+    let lower = s.mkdir("lower");
+    for name in ["a/x", "a/y", "a/sub/z", "b/w", "c/v"] {
+        write(lower.join(name), name.as_bytes());
+    }
+    type Step = fn(&std::path::Path);
+    let steps: Vec<(&str, Step)> = vec![
+        ("create", |m| write(m.join("a/new"), b"n")),
+        ("unlink lower", |m| fs::remove_file(m.join("a/x")).unwrap()),
+        ("recreate over whiteout", |m| write(m.join("a/x"), b"again")),
+        ("rename within", |m| {
+            fs::rename(m.join("a/y"), m.join("a/y2")).unwrap()
+        }),
+        ("rename across", |m| {
+            fs::rename(m.join("a/y2"), m.join("b/y3")).unwrap()
+        }),
+        ("move dir", |m| {
+            fs::rename(m.join("a/sub"), m.join("b/sub")).unwrap()
+        }),
+        ("rmdir lower", |m| fs::remove_dir_all(m.join("c")).unwrap()),
+        ("mkdir over whiteout", |m| {
+            fs::create_dir(m.join("c")).unwrap()
+        }),
+        ("symlink", |m| {
+            std::os::unix::fs::symlink("x", m.join("a/link")).unwrap()
+        }),
+        ("hard link", |m| {
+            fs::hard_link(m.join("b/w"), m.join("a/w-link")).unwrap()
+        }),
+        ("copy-up by chmod", |m| chmod(m.join("b/w"), 0o600)),
+    ];
+    let run = |root: &std::path::Path| {
+        let list = |root: &std::path::Path| {
+            ["", "a", "b", "b/sub", "c"]
+                .iter()
+                .map(|d| {
+                    let mut names: Vec<String> = fs::read_dir(root.join(d))
+                        .map(|it| {
+                            it.map(|e| {
+                                // A cached entry must still carry the
+                                // object's inode number.
+                                let e = e.unwrap();
+                                let ino = fs::symlink_metadata(e.path()).unwrap().ino();
+                                let mark = if e.ino() == ino { "" } else { "(stale d_ino)" };
+                                format!("{}{mark}", e.file_name().to_string_lossy())
+                            })
+                            .collect()
+                        })
+                        .unwrap_or_default();
+                    names.sort();
+                    format!("{d}=[{}]", names.join(" "))
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let mut seen = vec![list(root)];
+        for (name, step) in &steps {
+            step(root);
+            seen.push(format!("after {name}: {}", list(root)));
+        }
+        seen
+    };
+    let kernel = KernelMount::mount(
+        &[&lower],
+        Some((&s.mkdir("kupper"), &s.mkdir("kwork"))),
+        &s.mkdir("kmnt"),
+        "redirect_dir=on",
+    );
+    let expected = run(&kernel.mountpoint);
+    drop(kernel);
+    let m = UnionMount::mount(&[&lower], Some(&s.mkdir("upper")), &s.mkdir("mnt"), &[]);
+    let got = run(&m.mountpoint);
+    drop(m);
+    for (g, e) in got.iter().zip(&expected) {
+        assert_eq!(g, e, "unionfs (left), kernel overlayfs (right)");
+    }
 }

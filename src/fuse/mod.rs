@@ -307,7 +307,13 @@ impl Filesystem for UnionFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.core.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            // The kernel may keep listings in its page cache: lower layers
+            // never change, and the upper only through this mount, where
+            // every change bumps the directory's version, which drops them.
+            Ok(fh) => reply.opened(
+                FileHandle(fh),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
             Err(e) => reply.error(errno("opendir", e)),
         }
     }
