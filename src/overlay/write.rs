@@ -266,9 +266,11 @@ impl Overlay {
         }
         let stack = self.upper_dir(&parent_node)?;
         let upper = stack.top();
-        let needs_whiteout = self.lower_entry(&stack, name)?.is_some();
-        let work = self.work()?;
         let child_in_upper = self.is_upper(child.state().layer);
+        // A child found in a lower layer is the lower entry that needs
+        // hiding; only an upper child may or may not shadow one.
+        let needs_whiteout = !child_in_upper || self.lower_entry(&stack, name)?.is_some();
+        let work = self.work()?;
         let ctx = |e: Error| e.with_path(child.path());
 
         if child_in_upper && dir {
