@@ -554,17 +554,7 @@ for where in ("lower", "new"):
         let out = sh(Command::new("python3").arg("-c").arg(SCRIPT).arg(root));
         String::from_utf8(out.stdout).unwrap()
     };
-    let kernel = KernelMount::mount(
-        &[&lower],
-        Some((&s.mkdir("kupper"), &s.mkdir("kwork"))),
-        &s.mkdir("kmnt"),
-        "",
-    );
-    let expected = run_on(&kernel.mountpoint);
-    drop(kernel);
-    let m = UnionMount::mount(&[&lower], Some(&s.mkdir("upper")), &s.mkdir("mnt"), &[]);
-    let got = run_on(&m.mountpoint);
-    drop(m);
+    let (expected, got) = on_kernel_then_unionfs(&s, &lower, "", run_on);
     assert_eq!(got.lines().count(), 40, "{got}");
     assert!(expected.contains("new-write-4777 0o777 "), "{expected}");
     assert_eq!(
@@ -694,17 +684,7 @@ fn cached_listings_follow_every_change() {
         }
         seen
     };
-    let kernel = KernelMount::mount(
-        &[&lower],
-        Some((&s.mkdir("kupper"), &s.mkdir("kwork"))),
-        &s.mkdir("kmnt"),
-        "redirect_dir=on",
-    );
-    let expected = run(&kernel.mountpoint);
-    drop(kernel);
-    let m = UnionMount::mount(&[&lower], Some(&s.mkdir("upper")), &s.mkdir("mnt"), &[]);
-    let got = run(&m.mountpoint);
-    drop(m);
+    let (expected, got) = on_kernel_then_unionfs(&s, &lower, "redirect_dir=on", run);
     for (g, e) in got.iter().zip(&expected) {
         assert_eq!(g, e, "unionfs (left), kernel overlayfs (right)");
     }

@@ -5,6 +5,7 @@ mod convert;
 mod notify;
 mod passthrough;
 
+use std::cell::RefCell;
 use std::ffi::OsStr;
 use std::io;
 use std::os::fd::AsFd;
@@ -268,7 +269,7 @@ impl Filesystem for UnionFs {
         reply: ReplyData,
     ) {
         thread_local! {
-            static READ_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+            static READ_BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
         }
         READ_BUFFER.with_borrow_mut(|buf| match self.core.read_into(fh.0, offset, size, buf) {
             Ok(()) => reply.data(buf),

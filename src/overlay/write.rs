@@ -231,7 +231,7 @@ impl Overlay {
                 return Ok(None);
             }
         }
-        if owner != self.default_owner(parent_attr) {
+        if owner != owner_as_created(parent_attr) {
             fchownat(
                 dir,
                 name,
@@ -817,18 +817,15 @@ impl Overlay {
 
 /// New objects belong to the caller; in a set-group-ID directory they take
 /// the directory's group, as the kernel does.
-impl Overlay {
-    /// The owner the daemon's own credentials give a new object in a
-    /// directory with `parent`'s attributes, so that chown can be skipped
-    /// when the caller's is the same.
-    fn default_owner(&self, parent: &Attr) -> (u32, u32) {
-        let caller = Caller {
-            uid: nix::unistd::geteuid().as_raw(),
-            gid: nix::unistd::getegid().as_raw(),
-            pid: 0,
-        };
-        owner_for(caller, parent)
-    }
+/// The owner the daemon's own credentials give a new object in a directory
+/// with `parent`'s attributes: when it is the caller's, chown is skipped.
+fn owner_as_created(parent: &Attr) -> (u32, u32) {
+    let daemon = Caller {
+        uid: nix::unistd::geteuid().as_raw(),
+        gid: nix::unistd::getegid().as_raw(),
+        pid: std::process::id(),
+    };
+    owner_for(daemon, parent)
 }
 
 fn owner_for(caller: Caller, parent: &Attr) -> (u32, u32) {

@@ -273,6 +273,33 @@ impl Drop for KernelMount {
     }
 }
 
+/// Runs `ops` on kernel overlayfs (with `kernel_options`), then on unionfs,
+/// each over `lower` with a fresh upper; returns (kernel's, unionfs').
+pub fn on_kernel_then_unionfs<T>(
+    s: &Scratch,
+    lower: &Path,
+    kernel_options: &str,
+    ops: impl Fn(&Path) -> T,
+) -> (T, T) {
+    let kernel = KernelMount::mount(
+        &[lower],
+        Some((&s.mkdir("kernel-upper"), &s.mkdir("kernel-work"))),
+        &s.mkdir("kernel-mnt"),
+        kernel_options,
+    );
+    let expected = ops(&kernel.mountpoint);
+    drop(kernel);
+    let m = UnionMount::mount(
+        &[lower],
+        Some(&s.mkdir("unionfs-upper")),
+        &s.mkdir("unionfs-mnt"),
+        &[],
+    );
+    let got = ops(&m.mountpoint);
+    drop(m);
+    (expected, got)
+}
+
 pub fn wait_until(mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !cond() {
