@@ -103,6 +103,8 @@ def implementations(unionfs, fo1, fo2):
             f"{fo2} -o lowerdir={l},upperdir={u},workdir={w} {m}")))
     impls.append(Impl("unionfs", lambda l, u, w, m: sh(
         f"{unionfs} mount --lower {l} --upper {u} --work {w} {m}")))
+    impls.append(Impl("unionfs-passthrough-all", lambda l, u, w, m: sh(
+        f"{unionfs} mount --lower {l} --upper {u} --work {w} {m} -o passthrough=all")))
     return impls
 
 
@@ -117,13 +119,14 @@ def unmount(mnt):
 
 # ---------------------------------------------------------------- workloads
 
-def fio(mnt, name, **opts):
-    args = [f"--{k}={v}" for k, v in opts.items()]
-    out = sh("fio --output-format=json --name=" + name + " " + " ".join(args), cwd=mnt)
-    job = json.loads(out)["jobs"]
-    read = sum(j["read"]["bw_bytes"] for j in job)
-    write = sum(j["write"]["bw_bytes"] for j in job)
-    iops = sum(j["read"]["iops"] + j["write"]["iops"] for j in job)
+def fio(mnt, job, file, size="", runtime=0, invalidate=0):
+    """Runs benches/JOB.fio in MNT; returns summed (read B/s, write B/s, IOPS)."""
+    env = dict(os.environ, FILE=file, SIZE=str(size), RUNTIME=str(runtime), INVALIDATE=str(invalidate))
+    out = sh(f"fio --output-format=json {os.path.join(ROOT, 'benches', job + '.fio')}", cwd=mnt, env=env)
+    jobs = json.loads(out)["jobs"]
+    read = sum(j["read"]["bw_bytes"] for j in jobs)
+    write = sum(j["write"]["bw_bytes"] for j in jobs)
+    iops = sum(j["read"]["iops"] + j["write"]["iops"] for j in jobs)
     return read, write, iops
 
 
@@ -155,35 +158,34 @@ def workload(name, unit, higher_is_better=True):
 @workload("seq read 1 GiB, cold", "MiB/s")
 def seq_read_cold(mnt, ctx):
     drop_caches()
-    r, _, _ = fio(mnt, "seqcold", filename="big.bin", rw="read", bs="1M", size=f"{ctx.big}M", invalidate=1)
+    r, _, _ = fio(mnt, "seq-read", "big.bin", f"{ctx.big}M", invalidate=1)
     return r / 2**20
 
 
 @workload("seq read 1 GiB, warm", "MiB/s")
 def seq_read_warm(mnt, ctx):
-    fio(mnt, "prime", filename="big.bin", rw="read", bs="1M", size=f"{ctx.big}M", invalidate=0)
-    r, _, _ = fio(mnt, "seqwarm", filename="big.bin", rw="read", bs="1M", size=f"{ctx.big}M", invalidate=0)
+    fio(mnt, "seq-read", "big.bin", f"{ctx.big}M", invalidate=0)
+    r, _, _ = fio(mnt, "seq-read", "big.bin", f"{ctx.big}M", invalidate=0)
     return r / 2**20
 
 
 @workload("4k random read, 2 jobs, warm", "kIOPS")
 def rand_read(mnt, ctx):
-    _, _, iops = fio(mnt, "randread", filename="big.bin", rw="randread", bs="4k", size=f"{ctx.big}M",
-                     numjobs=2, time_based=1, runtime=ctx.runtime, invalidate=0)
+    fio(mnt, "seq-read", "big.bin", f"{ctx.big}M", invalidate=0)
+    _, _, iops = fio(mnt, "rand-read", "big.bin", f"{ctx.big}M", runtime=ctx.runtime)
     return iops / 1000
 
 
 @workload("seq write 1 GiB new file, end_fsync", "MiB/s")
 def seq_write(mnt, ctx):
-    _, w, _ = fio(mnt, "seqwrite", filename="new.bin", rw="write", bs="1M", size=f"{ctx.big}M", end_fsync=1)
+    _, w, _ = fio(mnt, "seq-write", "new.bin", f"{ctx.big}M")
     os.unlink(os.path.join(mnt, "new.bin"))
     return w / 2**20
 
 
 @workload("4k random write, new file", "kIOPS")
 def rand_write(mnt, ctx):
-    _, _, iops = fio(mnt, "randwrite", filename="rw.bin", rw="randwrite", bs="4k", size="256M",
-                     time_based=1, runtime=ctx.runtime)
+    _, _, iops = fio(mnt, "rand-write", "rw.bin", runtime=ctx.runtime)
     os.unlink(os.path.join(mnt, "rw.bin"))
     return iops / 1000
 
@@ -266,35 +268,33 @@ class Ctx:
     pass
 
 
-def ratios_from_table(markdown):
-    """(workload, unionfs/kernel, unionfs/fuse-overlayfs-2) rows of a results table."""
-    rows = []
-    for line in markdown.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) < 4 or cells[0] in ("workload", "daemon peak RSS") or cells[0].startswith("---"):
-            continue
-        try:
-            rows.append((cells[0], float(cells[-2]), float(cells[-1])))
-        except ValueError:
-            continue
-    return rows
+UNIONFS = ("unionfs", "unionfs-passthrough-all")
+PEERS = ("kernel", "fuse-overlayfs-2")
 
 
-def draw_chart(rows, png):
+def ratio(med, higher, mine, other):
+    """How many times faster `mine` is than `other` (> 1: mine is faster)."""
+    if med.get(other) in (None, 0) or med.get(mine) in (None, 0):
+        return None
+    return med[mine] / med[other] if higher else med[other] / med[mine]
+
+
+def draw_chart(data, png):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    names = [r[0] for r in rows][::-1]
-    kernel = [r[1] for r in rows][::-1]
-    fo2 = [r[2] for r in rows][::-1]
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.5))
-    y = range(len(rows))
-    ax.barh([i + 0.2 for i in y], kernel, height=0.4, label="unionfs / kernel overlayfs")
-    ax.barh([i - 0.2 for i in y], fo2, height=0.4, label="unionfs / fuse-overlayfs 2.x")
+    rows = data["workloads"][::-1]
+    series = [(u, p) for u in UNIONFS for p in PEERS]
+    fig, ax = plt.subplots(figsize=(10, 0.6 * len(rows) + 1.8))
+    height = 0.8 / len(series)
+    for k, (u, p) in enumerate(series):
+        values = [ratio(r["medians"], r["higher_is_better"], u, p) or 0 for r in rows]
+        ax.barh([i + (k - (len(series) - 1) / 2) * height for i in range(len(rows))], values,
+                height=height, label=f"{u} / {p}")
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
-    ax.set_yticks(list(y))
-    ax.set_yticklabels(names)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([r["name"] for r in rows])
     ax.set_xlabel("ratio (> 1: unionfs faster)")
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     fig.tight_layout()
@@ -317,9 +317,10 @@ def main():
     ap.add_argument("--chart-only", action="store_true", help="redraw the PNG from the --output table")
     args = ap.parse_args()
     png = os.path.splitext(args.output)[0] + ".png"
+    data_file = os.path.splitext(args.output)[0] + ".json"
     if args.chart_only:
-        with open(args.output) as f:
-            draw_chart(ratios_from_table(f.read()), png)
+        with open(data_file) as f:
+            draw_chart(json.load(f), png)
         return
     fo2 = args.fuse_overlayfs_2 if os.path.exists(args.fuse_overlayfs_2) else ""
 
@@ -346,6 +347,8 @@ def main():
                 upper, work, mnt = (os.path.join(run_dir, n) for n in ("upper", "work", "mnt"))
                 for d in (upper, work, mnt):
                     os.makedirs(d)
+                # Writeback left by the previous run must not land in this one.
+                os.sync()
                 impl.mount(layers, upper, work, mnt)
                 try:
                     value = fn(mnt, ctx)
@@ -360,33 +363,39 @@ def main():
                 print(f"round {rnd + 1} {name:42} {impl.name:17} {value:10.2f} {unit}", flush=True)
 
     names = [i.name for i in impls]
-    lines = ["| workload | unit | " + " | ".join(names) + " | unionfs/kernel | unionfs/fuse-overlayfs-2 |",
-             "|---|---|" + "---|" * (len(names) + 2)]
+    pairs = [(u, p) for u in UNIONFS if u in names for p in PEERS if p in names]
+    lines = ["| workload | unit | " + " | ".join(names) + " | "
+             + " | ".join(f"{u}/{p}" for u, p in pairs) + " |",
+             "|---|---|" + "---|" * (len(names) + len(pairs))]
+    data = {"workloads": []}
     for name, unit, higher, _ in chosen:
         med = {n: statistics.median(results[(name, n)]) for n in names}
-        def ratio(other):
-            if other not in med or med[other] == 0 or med["unionfs"] == 0:
-                return "-"
-            r = med["unionfs"] / med[other] if higher else med[other] / med["unionfs"]
-            return f"{r:.2f}"
-        lines.append(f"| {name} | {unit} | " + " | ".join(f"{med[n]:.2f}" for n in names)
-                     + f" | {ratio('kernel')} | {ratio('fuse-overlayfs-2')} |")
+        data["workloads"].append({"name": name, "unit": unit, "higher_is_better": higher,
+                                  "medians": med, "runs": {n: results[(name, n)] for n in names}})
+        cells = [ratio(med, higher, u, p) for u, p in pairs]
+        lines.append(f"| {name} | {unit} | " + " | ".join(f"{med[n]:.2f}" for n in names) + " | "
+                     + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |")
     lines.append("| daemon peak RSS | MiB | " + " | ".join(
-        "-" if n == "kernel" else f"{peak_rss[n] / 1024:.1f}" for n in names) + " | - | - |")
+        "-" if n == "kernel" else f"{peak_rss[n] / 1024:.1f}" for n in names) + " |" + " - |" * len(pairs))
+    data["peak_rss_kib"] = peak_rss
     table = "\n".join(lines)
     print(table)
     uname = os.uname()
+    with open(data_file, "w") as f:
+        json.dump(data, f, indent=1)
     with open(args.output, "w") as f:
         f.write("# Benchmarks\n\nMedians of interleaved rounds; ratios > 1 mean unionfs is faster "
-                "(for times: the other takes longer).\n\n")
+                "(for times: the other takes longer). `unionfs` is the default mount; "
+                "`unionfs-passthrough-all` adds `-o passthrough=all` (lower files passed through "
+                "too, see README).\n\n")
         f.write(f"Command: `scripts/bench.sh {' '.join(sys.argv[1:])}`\n\n")
         f.write(f"Machine: {os.cpu_count()} cores, Linux {uname.release}, layers on "
                 f"{sh('stat -f -c %T ' + args.workdir).strip()} ({time.strftime('%Y-%m-%d')}), "
                 f"{args.rounds} rounds, {args.files} small files + {args.big_mib} MiB file + "
-                f"{args.wide}-entry directory.\n\n")
+                f"{args.wide}-entry directory. Every run in `{os.path.basename(data_file)}`.\n\n")
         f.write(table + "\n")
         f.write(f"\n![ratios]({os.path.basename(png)})\n")
-    draw_chart(ratios_from_table(table), png)
+    draw_chart(data, png)
 
 
 if __name__ == "__main__":
