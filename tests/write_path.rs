@@ -689,3 +689,46 @@ fn cached_listings_follow_every_change() {
         assert_eq!(g, e, "unionfs (left), kernel overlayfs (right)");
     }
 }
+
+/// `-o passthrough=all`, the race: a reader opens a lower file while a
+/// writer's open is copying it up. The reader may pin the lower file in the
+/// kernel; the writer must then be refused, never handed the lower file.
+#[test]
+fn passthrough_all_never_hands_a_writer_the_lower_file() {
+    let s = Scratch::new();
+    let (lower, upper) = layers(&s);
+    let big = vec![b'l'; 256 << 20];
+    write(lower.join("big"), &big);
+    let digest = layer_digest(&lower);
+    let m = UnionMount::mount(
+        &[&lower],
+        Some(&upper),
+        &s.mkdir("mnt"),
+        &["-o", "passthrough=all"],
+    );
+    let path = m.path("big");
+    let writer = {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            let file = fs::OpenOptions::new().write(true).open(&path)?;
+            file.write_all_at(b"CHANGED", 0)?;
+            Ok::<(), std::io::Error>(())
+        })
+    };
+    // Open while the 256 MiB copy-up (and its fsync) is under way.
+    std::thread::sleep(Duration::from_millis(30));
+    let reader = fs::File::open(&path).unwrap();
+    let written = writer.join().unwrap();
+    let mut head = [0u8; 7];
+    reader.read_exact_at(&mut head, 0).unwrap();
+    match written {
+        Ok(()) => assert_eq!(&head, b"CHANGED", "reader opened after the copy-up"),
+        Err(e) => {
+            assert_eq!(e.raw_os_error(), Some(libc::ETXTBSY), "{e}");
+            assert_eq!(&head, b"lllllll");
+        }
+    }
+    drop(reader);
+    drop(m);
+    assert_eq!(layer_digest(&lower), digest, "the writer reached the lower layer");
+}

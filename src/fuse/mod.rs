@@ -25,7 +25,7 @@ use crate::overlay::write::{Caller, Created, NewObject, RenameMode, SetAttr, Set
 use crate::overlay::{Error, OpenFile, Overlay};
 pub use convert::file_attr;
 pub use notify::AsyncNotifier;
-use passthrough::Backings;
+use passthrough::{Backings, LowerPinned, OpenIo};
 
 /// The largest read the kernel sends in one request (fuser sizes max_pages
 /// from it), in bytes.
@@ -86,21 +86,25 @@ impl UnionFs {
         open: &OpenFile,
         fh: u64,
         register: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> io::Result<BackingId>,
-    ) -> IoMode {
+    ) -> Result<IoMode, LowerPinned> {
         let in_upper = self.core.is_upper(open.node.state().layer);
-        let wanted = self.passthrough_enabled()
-            && (in_upper || !self.core.has_upper() || self.options.lower_passthrough);
+        let io = OpenIo {
+            passthrough_wanted: self.passthrough_enabled()
+                && (in_upper || !self.core.has_upper() || self.options.lower_passthrough),
+            from_lower: !in_upper,
+            writes: crate::overlay::wants_write(open.flags),
+        };
         // The kernel opens its own backing file for each open, with that
         // open's flags; the registered descriptor only names the inode, so
         // one backing id serves readers and writers alike.
         let backing = self
             .backings
-            .open(open.node.id, fh, wanted, || register(open.file().as_fd()));
-        match backing {
+            .open(open.node.id, fh, io, || register(open.file().as_fd()))?;
+        Ok(match backing {
             Some(backing) => IoMode::Passthrough(backing),
             None if in_upper => IoMode::Cached(FopenFlags::empty()),
             None => IoMode::Cached(FopenFlags::FOPEN_KEEP_CACHE),
-        }
+        })
     }
 
     fn entry_reply(&self, reply: ReplyEntry, result: crate::overlay::Result<Created>, op: &str) {
@@ -114,17 +118,12 @@ impl UnionFs {
         }
     }
 
-    /// A lower file the kernel reads through a passthrough backing file
-    /// (`lower_passthrough`): copying it up now would leave its open
-    /// descriptors reading the lower file, and the kernel would refuse the
-    /// upper copy as a second backing file; the writer has to wait.
+    /// A file the kernel reads through a lower file as its backing file
+    /// (`lower_passthrough`): changing it now would leave those descriptors
+    /// reading the old data, and the kernel would refuse the upper copy as a
+    /// second backing file; the writer has to wait for them to close.
     fn lower_file_pinned(&self, id: u64) -> bool {
-        self.options.lower_passthrough
-            && self.backings.is_passed_through(id)
-            && self
-                .core
-                .node(id)
-                .is_ok_and(|node| !self.core.is_upper(node.state().layer))
+        self.options.lower_passthrough && self.backings.pinned_by_lower(id)
     }
 
     fn ttl(&self, layer: usize) -> Duration {
@@ -249,11 +248,17 @@ impl Filesystem for UnionFs {
             Ok(opened) => opened,
             Err(e) => return reply.error(errno("open", e)),
         };
-        match self.io_mode(&open, fh, |f| reply.open_backing(f)) {
-            IoMode::Passthrough(backing) => {
+        let mode = self.io_mode(&open, fh, |f| reply.open_backing(f));
+        match mode {
+            // A reader pinned the lower file while this open copied it up.
+            Err(LowerPinned) => {
+                self.core.release(fh);
+                reply.error(Errno::ETXTBSY)
+            }
+            Ok(IoMode::Passthrough(backing)) => {
                 reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing)
             }
-            IoMode::Cached(flags) => reply.opened(FileHandle(fh), flags),
+            Ok(IoMode::Cached(flags)) => reply.opened(FileHandle(fh), flags),
         }
     }
 
@@ -637,7 +642,12 @@ impl Filesystem for UnionFs {
         let (fh, open) = handle;
         let ttl = self.ttl(node.state().layer);
         match self.io_mode(&open, fh, |f| reply.open_backing(f)) {
-            IoMode::Passthrough(backing) => reply.created_passthrough(
+            // A new file has no lower copy to pin.
+            Err(LowerPinned) => {
+                self.core.release(fh);
+                reply.error(Errno::EIO)
+            }
+            Ok(IoMode::Passthrough(backing)) => reply.created_passthrough(
                 &ttl,
                 &file_attr(&attr),
                 Generation(node.generation),
@@ -645,7 +655,7 @@ impl Filesystem for UnionFs {
                 FopenFlags::empty(),
                 &backing,
             ),
-            IoMode::Cached(flags) => reply.created(
+            Ok(IoMode::Cached(flags)) => reply.created(
                 &ttl,
                 &file_attr(&attr),
                 Generation(node.generation),

@@ -12,8 +12,25 @@ use fuser::BackingId;
 #[derive(Debug, Default)]
 struct NodeIo {
     backing: Weak<BackingId>,
+    /// The live backing file is a lower layer's (`passthrough=all`).
+    backing_is_lower: bool,
     cached_opens: usize,
 }
+
+/// How an open wants to do I/O.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenIo {
+    pub passthrough_wanted: bool,
+    /// The handle's file is a lower layer's.
+    pub from_lower: bool,
+    pub writes: bool,
+}
+
+/// The kernel holds a lower file as this inode's backing file: no write may
+/// go through it (it would reach the lower layer), and the kernel refuses a
+/// second backing file for the inode while it is held.
+#[derive(Debug)]
+pub struct LowerPinned;
 
 #[derive(Debug)]
 enum HandleIo {
@@ -35,18 +52,20 @@ impl Backings {
         &self,
         node: u64,
         fh: u64,
-        passthrough_wanted: bool,
+        io: OpenIo,
         register: impl FnOnce() -> std::io::Result<BackingId>,
-    ) -> Option<Arc<BackingId>> {
-        let mut io = self.by_node.entry(node).or_default();
-        let live = io.backing.upgrade();
+    ) -> Result<Option<Arc<BackingId>>, LowerPinned> {
+        let mut state = self.by_node.entry(node).or_default();
+        let live = state.backing.upgrade();
         let backing = match live {
+            Some(_) if io.writes && state.backing_is_lower => return Err(LowerPinned),
             // A cached open now would be refused while passthrough ones live.
             Some(backing) => Some(backing),
-            None if passthrough_wanted && io.cached_opens == 0 => match register() {
+            None if io.passthrough_wanted && state.cached_opens == 0 => match register() {
                 Ok(fresh) => {
                     let fresh = Arc::new(fresh);
-                    io.backing = Arc::downgrade(&fresh);
+                    state.backing = Arc::downgrade(&fresh);
+                    state.backing_is_lower = io.from_lower;
                     Some(fresh)
                 }
                 Err(e) => {
@@ -59,18 +78,18 @@ impl Backings {
         match &backing {
             Some(b) => self.by_handle.insert(fh, HandleIo::Passthrough(b.clone())),
             None => {
-                io.cached_opens += 1;
+                state.cached_opens += 1;
                 self.by_handle.insert(fh, HandleIo::Cached)
             }
         };
-        backing
+        Ok(backing)
     }
 
-    /// Whether the kernel may hold a backing file for `node` now.
-    pub fn is_passed_through(&self, node: u64) -> bool {
+    /// Whether the kernel may hold a lower file as `node`'s backing file now.
+    pub fn pinned_by_lower(&self, node: u64) -> bool {
         self.by_node
             .get(&node)
-            .is_some_and(|io| io.backing.strong_count() > 0)
+            .is_some_and(|io| io.backing_is_lower && io.backing.strong_count() > 0)
     }
 
     pub fn release(&self, node: u64, fh: u64) {

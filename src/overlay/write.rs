@@ -820,12 +820,13 @@ impl Overlay {
 /// The owner the daemon's own credentials give a new object in a directory
 /// with `parent`'s attributes: when it is the caller's, chown is skipped.
 fn owner_as_created(parent: &Attr) -> (u32, u32) {
-    let daemon = Caller {
+    static DAEMON: std::sync::OnceLock<Caller> = std::sync::OnceLock::new();
+    let daemon = DAEMON.get_or_init(|| Caller {
         uid: nix::unistd::geteuid().as_raw(),
         gid: nix::unistd::getegid().as_raw(),
         pid: std::process::id(),
-    };
-    owner_for(daemon, parent)
+    });
+    owner_for(*daemon, parent)
 }
 
 fn owner_for(caller: Caller, parent: &Attr) -> (u32, u32) {
