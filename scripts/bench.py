@@ -390,7 +390,7 @@ def main():
                 "too, see README).\n\n")
         f.write(f"Command: `scripts/bench.sh {' '.join(sys.argv[1:])}`\n\n")
         f.write(f"Machine: {os.cpu_count()} cores, Linux {uname.release}, layers on "
-                f"{sh('stat -f -c %T ' + args.workdir).strip()} ({time.strftime('%Y-%m-%d')}), "
+                f"{sh('findmnt -no FSTYPE -T ' + args.workdir).strip()} ({time.strftime('%Y-%m-%d')}), "
                 f"{args.rounds} rounds, {args.files} small files + {args.big_mib} MiB file + "
                 f"{args.wide}-entry directory. Every run in `{os.path.basename(data_file)}`.\n\n")
         f.write(table + "\n")
