@@ -730,5 +730,9 @@ fn passthrough_all_never_hands_a_writer_the_lower_file() {
     }
     drop(reader);
     drop(m);
-    assert_eq!(layer_digest(&lower), digest, "the writer reached the lower layer");
+    assert_eq!(
+        layer_digest(&lower),
+        digest,
+        "the writer reached the lower layer"
+    );
 }
