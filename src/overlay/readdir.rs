@@ -39,10 +39,12 @@ struct Pending {
 impl Overlay {
     pub fn merged_entries(&self, node: &Node) -> Result<Vec<DirEntry>> {
         let stack = node.dir_stack()?;
-        let mut seen: HashMap<OsString, Seen> = HashMap::new();
+        // A directory with one layer has nothing to merge: no name can be
+        // seen twice, so no map of names is needed.
+        let mut seen: Option<HashMap<OsString, Seen>> = (stack.layers.len() > 1).then(HashMap::new);
         let mut pending: Vec<Pending> = Vec::new();
         for dl in &stack.layers {
-            self.merge_layer(dl, &mut seen, &mut pending)
+            self.merge_layer(dl, seen.as_mut(), &mut pending)
                 .map_err(|e| e.with_layer(dl.layer).with_path(node.path()))?;
         }
 
@@ -63,20 +65,19 @@ impl Overlay {
             kind: FileKind::Directory,
         });
         for p in pending {
-            let ino = self.entry_ino(node.id, &stack, &p)?;
-            out.push(DirEntry {
-                name: p.name,
-                ino,
-                kind: p.kind,
-            });
+            let kind = p.kind;
+            let (ino, name) = self.entry_ino(node.id, &stack, p)?;
+            out.push(DirEntry { name, ino, kind });
         }
         Ok(out)
     }
 
+    /// Adds `dl`'s entries that no layer above showed or hid. `seen` is
+    /// None for a directory of one layer.
     fn merge_layer(
         &self,
         dl: &DirLayer,
-        seen: &mut HashMap<OsString, Seen>,
+        mut seen: Option<&mut HashMap<OsString, Seen>>,
         pending: &mut Vec<Pending>,
     ) -> Result<()> {
         let mut oci_whiteouts = Vec::new();
@@ -92,26 +93,33 @@ impl Overlay {
                 }
             }
             let (kind, whiteout) = classify(dl, &name, kind)?;
-            match seen.get(&name) {
-                None if whiteout => {
+            let visible = match seen.as_deref_mut() {
+                None => (!whiteout).then_some(name),
+                Some(seen) if seen.contains_key(&name) => None,
+                Some(seen) if whiteout => {
                     seen.insert(name, Seen::Hidden);
+                    None
                 }
-                None => {
+                Some(seen) => {
                     seen.insert(name.clone(), Seen::Visible);
-                    pending.push(Pending {
-                        name,
-                        kind,
-                        top_layer: dl.layer,
-                        top_ino: ino,
-                    });
+                    Some(name)
                 }
-                Some(_) => {}
+            };
+            if let Some(name) = visible {
+                pending.push(Pending {
+                    name,
+                    kind,
+                    top_layer: dl.layer,
+                    top_ino: ino,
+                });
             }
         }
         // An OCI whiteout hides its name in the layers below only; a name the
         // same layer holds stays visible.
-        for target in oci_whiteouts {
-            seen.entry(target).or_insert(Seen::Hidden);
+        if let Some(seen) = seen {
+            for target in oci_whiteouts {
+                seen.entry(target).or_insert(Seen::Hidden);
+            }
         }
         Ok(())
     }
@@ -121,19 +129,29 @@ impl Overlay {
     /// number. A directory whose top copy is in the upper may take a lower
     /// copy's number (merged, or moved with a redirect): it is resolved as a
     /// lookup would.
-    fn entry_ino(&self, dir_id: u64, stack: &super::node::DirStack, p: &Pending) -> Result<u64> {
-        if let Some(Dentry::Positive(id)) = self.dentries.get(&(dir_id, p.name.clone())).map(|d| *d)
+    /// Takes the entry and gives its name back, so that looking the name up
+    /// in the dentry cache costs no copy of it.
+    fn entry_ino(
+        &self,
+        dir_id: u64,
+        stack: &super::node::DirStack,
+        p: Pending,
+    ) -> Result<(u64, OsString)> {
+        let key = (dir_id, p.name);
+        let cached = self.dentries.get(&key).map(|d| *d);
+        let (_, name) = key;
+        if let Some(Dentry::Positive(id)) = cached
             && self.nodes.contains_key(&id)
         {
-            return Ok(id);
+            return Ok((id, name));
         }
         if p.kind == FileKind::Directory
             && self.layers[p.top_layer].upper
-            && let Some(resolved) = resolve::resolve_child(&self.layers, stack, &p.name)?
+            && let Some(resolved) = resolve::resolve_child(&self.layers, stack, &name)?
         {
-            return Ok(self.ino_of(resolved.origin.0, resolved.origin.1));
+            return Ok((self.ino_of(resolved.origin.0, resolved.origin.1), name));
         }
-        Ok(self.ino_of(self.layers[p.top_layer].dev, p.top_ino))
+        Ok((self.ino_of(self.layers[p.top_layer].dev, p.top_ino), name))
     }
 }
 
