@@ -533,7 +533,7 @@ for where in ("lower", "new"):
             elif case == "write":
                 as_nobody(f"open({f!r}, 'a').write('x')")
             elif case == "truncate":
-                as_nobody(f"os.truncate({f!r}, 2)".replace("os.", "__import__('os')."))
+                as_nobody(f"import os; os.truncate({f!r}, 2)")
             elif case == "otrunc":
                 as_nobody(f"open({f!r}, 'w').write('x')")
             else:

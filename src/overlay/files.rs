@@ -144,12 +144,6 @@ impl Overlay {
         Ok(attr)
     }
 
-    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
-        let mut buf = Vec::new();
-        self.read_into(fh, offset, size, &mut buf)?;
-        Ok(buf)
-    }
-
     /// Reads into `buf` (resized to what was read), so that a caller can
     /// keep one buffer: a fresh megabyte per request costs more in page
     /// faults and zeroing than the copy itself.
