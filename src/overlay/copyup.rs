@@ -46,8 +46,31 @@ impl Overlay {
         node.dir_stack()
     }
 
-    /// Gives `node` a copy in the upper (no-op if it has one).
+    /// Gives `node` a copy in the upper (no-op if it has one), copying up
+    /// the ancestors that lack one first. The ancestors are collected by a
+    /// loop, never by recursion: any user can make a tree deep enough to
+    /// overflow a FUSE thread's stack.
     pub fn copy_up(&self, node: &Arc<Node>, data: CopyData) -> Result<()> {
+        if self.node_in_upper(node) {
+            return Ok(());
+        }
+        let mut missing = Vec::new();
+        let mut next = node.parent();
+        while let Some(dir) = next {
+            if self.node_in_upper(&dir) {
+                break;
+            }
+            next = dir.parent();
+            missing.push(dir);
+        }
+        for dir in missing.iter().rev() {
+            self.copy_up_one(dir, CopyData::All)?;
+        }
+        self.copy_up_one(node, data)
+    }
+
+    /// Copies up one node whose parent has its upper copy already.
+    fn copy_up_one(&self, node: &Arc<Node>, data: CopyData) -> Result<()> {
         if self.node_in_upper(node) {
             return Ok(());
         }
@@ -60,15 +83,20 @@ impl Overlay {
         let Some((parent, name)) = names.first().cloned() else {
             return Err(Error::new(Errno::ENOENT, "copy up").with_path(node.path()));
         };
+        // Normally copied up by the caller; a rename racing it may have
+        // moved the node under a parent that has no upper copy yet.
         let parent_stack = self.upper_dir(&parent)?;
+        let upper = parent_stack.top();
         let state = node.state();
         let lower = parent_stack
             .layer(state.layer)
             .ok_or_else(|| Error::new(Errno::ESTALE, "copy up").with_path(node.path()))?;
-        let upper = parent_stack.top();
         let tmp = work.temp_name();
         let ctx = |e: Error| e.with_layer(state.layer).with_path(node.path());
 
+        // Kernel overlayfs keeps the parent's times across a copy-up: the
+        // directory did not change in the merged view.
+        let parent_times = DirTimes::of(upper).map_err(ctx)?;
         let built = self
             .build_copy(lower.fd(), &name, work.fd(), &tmp, &state.attr, data)
             .and_then(|()| {
@@ -85,6 +113,7 @@ impl Overlay {
             let _ = work.remove(&tmp);
             return Err(ctx(e));
         }
+        parent_times.restore(upper).map_err(ctx)?;
 
         if node.kind != FileKind::Directory {
             // Lookups that find the upper copy must land on this node.
@@ -116,15 +145,18 @@ impl Overlay {
         // Other names of a hard-linked file keep sharing it in the upper.
         for (alias_parent, alias_name) in names.iter().skip(1) {
             let alias_stack = self.upper_dir(alias_parent)?;
+            let alias_dir = alias_stack.top();
+            let alias_times = DirTimes::of(alias_dir).map_err(ctx)?;
             if let Err(e) = linkat(
                 upper.fd(),
                 name.as_os_str(),
-                alias_stack.top().fd(),
+                alias_dir.fd(),
                 alias_name.as_os_str(),
                 AtFlags::empty(),
             ) {
                 tracing::warn!(path = ?alias_name, error = %e, "could not keep hard link at copy-up");
             }
+            alias_times.restore(alias_dir).map_err(ctx)?;
         }
         if node.kind == FileKind::Regular {
             self.reopen_handles(node)?;
@@ -261,8 +293,11 @@ fn copy_by_reading(src: &File, dst: &File, offset: i64, len: i64) -> Result<()> 
     Ok(())
 }
 
-/// Copies every xattr except overlay-private ones. Those the upper cannot
-/// hold are logged and skipped, as kernel overlayfs does.
+/// Copies every xattr except overlay-private ones. As kernel overlayfs
+/// (`ovl_copy_xattr`), only an xattr the upper's filesystem does not support
+/// at all is skipped, and never an ACL or a `security.` one: any other
+/// refusal (ENOSPC, E2BIG, ...) fails the copy-up, which leaves the object
+/// as it was rather than silently losing its xattrs.
 pub fn copy_xattrs(src: XattrTarget<'_>, dst: XattrTarget<'_>) -> Result<()> {
     let names = match sys::list_xattr(src) {
         Ok(names) => names,
@@ -280,17 +315,22 @@ pub fn copy_xattrs(src: XattrTarget<'_>, dst: XattrTarget<'_>) -> Result<()> {
             continue;
         };
         if let Err(e) = sys::set_xattr(dst, &cname, &value, 0) {
-            match e.raw_os_error() {
-                Some(
-                    libc::ENOTSUP | libc::EPERM | libc::EOVERFLOW | libc::E2BIG | libc::ENOSPC,
-                ) => {
-                    tracing::warn!(xattr = %String::from_utf8_lossy(name), error = %e, "xattr not copied up");
-                }
-                _ => return Err(e).sys("setxattr(copy-up)"),
+            if e.raw_os_error() == Some(libc::ENOTSUP) && !must_copy_xattr(name) {
+                tracing::warn!(xattr = %String::from_utf8_lossy(name), "upper does not support this xattr; not copied up");
+                continue;
             }
+            return Err(e).sys("setxattr(copy-up)");
         }
     }
     Ok(())
+}
+
+/// The xattrs whose loss would change access rights: kernel overlayfs
+/// fails a copy-up rather than drop them (`ovl_must_copy_xattr`).
+fn must_copy_xattr(name: &[u8]) -> bool {
+    name == b"system.posix_acl_access"
+        || name == b"system.posix_acl_default"
+        || name.starts_with(b"security.")
 }
 
 fn set_owner(dir: BorrowedFd<'_>, name: &OsStr, attr: &Attr) -> Result<()> {
@@ -302,6 +342,12 @@ fn set_owner(dir: BorrowedFd<'_>, name: &OsStr, attr: &Attr) -> Result<()> {
         AtFlags::AT_SYMLINK_NOFOLLOW,
     )
     .sys("fchownat")
+}
+
+/// Owner, then mode and times, of `attr` on `dir/name` (no xattrs).
+pub(crate) fn set_owner_mode_times(dir: BorrowedFd<'_>, name: &OsStr, attr: &Attr) -> Result<()> {
+    set_owner(dir, name, attr)?;
+    set_mode_and_times(dir, name, attr)
 }
 
 /// The mode after chown (which clears set-id bits), then the times.
@@ -324,6 +370,36 @@ fn set_mode_and_times(dir: BorrowedFd<'_>, name: &OsStr, attr: &Attr) -> Result<
         UtimensatFlags::NoFollowSymlink,
     )
     .sys("utimensat")
+}
+
+/// A directory's atime and mtime, to put back after an entry was added to
+/// it on the merged tree's behalf.
+pub(crate) struct DirTimes {
+    atime: TimeSpec,
+    mtime: TimeSpec,
+}
+
+impl DirTimes {
+    pub(crate) fn of(dir: &super::node::DirLayer) -> Result<DirTimes> {
+        let st = nix::sys::stat::fstat(dir.fd()).sys("fstat(parent times)")?;
+        Ok(DirTimes {
+            atime: TimeSpec::new(st.st_atime, st.st_atime_nsec),
+            mtime: TimeSpec::new(st.st_mtime, st.st_mtime_nsec),
+        })
+    }
+
+    /// `dir` is an O_PATH descriptor, which futimens refuses; "." relative
+    /// to it names the directory itself.
+    pub(crate) fn restore(&self, dir: &super::node::DirLayer) -> Result<()> {
+        utimensat(
+            dir.fd(),
+            ".",
+            &self.atime,
+            &self.mtime,
+            UtimensatFlags::NoFollowSymlink,
+        )
+        .sys("utimensat(parent times)")
+    }
 }
 
 /// Whether `name` is a whiteout in the upper directory `dir`.

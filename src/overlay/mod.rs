@@ -15,6 +15,8 @@ pub mod readdir;
 pub mod resolve;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod write_tests;
 pub mod workdir;
 pub mod write;
 

@@ -135,6 +135,26 @@ pub struct Node {
     unlinked: std::sync::atomic::AtomicBool,
 }
 
+impl Drop for Node {
+    /// A node holds its parent: dropping the last node of a deep chain would
+    /// drop every ancestor recursively, one stack frame per level, and any
+    /// user can make a tree deep enough to overflow a thread's stack. The
+    /// ancestors whose last holder is this chain are released by a loop.
+    fn drop(&mut self) {
+        fn take_parents(loc: &mut Location, orphans: &mut Vec<Arc<Node>>) {
+            orphans.extend(loc.parent.take());
+            orphans.extend(loc.aliases.drain(..).map(|(p, _)| p));
+        }
+        let mut orphans = Vec::new();
+        take_parents(self.loc.get_mut(), &mut orphans);
+        while let Some(parent) = orphans.pop() {
+            if let Ok(mut parent) = Arc::try_unwrap(parent) {
+                take_parents(parent.loc.get_mut(), &mut orphans);
+            }
+        }
+    }
+}
+
 impl Node {
     pub fn new(id: u64, loc: Location, state: NodeState) -> Node {
         Node::with_generation(id, 0, loc, state)

@@ -84,20 +84,49 @@ fn list_names(dir: BorrowedFd<'_>) -> Result<Vec<OsString>> {
         .collect())
 }
 
-/// Removes `name` below `dir`, recursing into directories without ever
-/// following a symlink.
+/// Removes `name` below `dir` and everything under it, without ever
+/// following a symlink. Depth-first with an explicit stack of open
+/// directories rather than recursion: a leftover tree can be arbitrarily deep.
 pub fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
-    match unlinkat(dir, name, UnlinkatFlags::NoRemoveDir) {
-        Ok(()) | Err(Errno::ENOENT) => return Ok(()),
-        Err(Errno::EISDIR) | Err(Errno::EPERM) => {}
-        Err(e) => return Err(e).sys("unlinkat"),
+    if unlink_entry(dir, name)? {
+        return Ok(());
     }
-    let sub = open_beneath(dir, name, OFlag::O_PATH | OFlag::O_DIRECTORY).sys("openat2(dir)")?;
-    for child in list_names(sub.as_fd())? {
-        remove_tree(sub.as_fd(), &child)?;
+    // Each level: the directory, and its children still to remove.
+    let top = open_beneath(dir, name, OFlag::O_PATH | OFlag::O_DIRECTORY).sys("openat2(dir)")?;
+    let children = list_names(top.as_fd())?;
+    let mut stack: Vec<(OwnedFd, Vec<OsString>)> = vec![(top, children)];
+    while let Some((current, pending)) = stack.last_mut() {
+        let Some(child) = pending.pop() else {
+            stack.pop();
+            continue;
+        };
+        if unlink_entry(current.as_fd(), &child)? {
+            continue;
+        }
+        let sub = open_beneath(current.as_fd(), &child, OFlag::O_PATH | OFlag::O_DIRECTORY)
+            .sys("openat2(dir)")?;
+        let grandchildren = list_names(sub.as_fd())?;
+        // Removed once its children are: pushed back first, popped last.
+        pending.push(child);
+        stack.push((sub, grandchildren));
     }
     match unlinkat(dir, name, UnlinkatFlags::RemoveDir) {
         Ok(()) | Err(Errno::ENOENT) => Ok(()),
+        Err(e) => Err(e).sys("rmdir"),
+    }
+}
+
+/// Removes a non-directory, or an empty directory. Returns false for a
+/// directory that still has entries.
+fn unlink_entry(dir: BorrowedFd<'_>, name: &OsStr) -> Result<bool> {
+    match unlinkat(dir, name, UnlinkatFlags::NoRemoveDir) {
+        Ok(()) | Err(Errno::ENOENT) => return Ok(true),
+        Err(Errno::EISDIR) | Err(Errno::EPERM) => {}
+        Err(e) => return Err(e).sys("unlinkat"),
+    }
+    match unlinkat(dir, name, UnlinkatFlags::RemoveDir) {
+        Ok(()) | Err(Errno::ENOENT) => Ok(true),
+        Err(Errno::ENOTEMPTY) | Err(Errno::EEXIST) => Ok(false),
         Err(e) => Err(e).sys("rmdir"),
     }
 }

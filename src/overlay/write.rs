@@ -5,7 +5,7 @@
 
 use std::ffi::{CString, OsStr};
 use std::fs::File;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
@@ -18,13 +18,16 @@ use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid, UnlinkatFlags, fchownat, ftruncate, linkat, symlinkat, unlinkat};
 
 use super::attr::Attr;
-use super::copyup::{CopyData, TempEntry, upper_whiteout_at};
+use super::copyup::{
+    CopyData, TempEntry, copy_xattrs, set_owner_mode_times, upper_whiteout_at,
+};
 use super::error::{Error, Result, SysContext};
 use super::files::{clear_setid_bits, setid_cleared};
 use super::handles::OpenFile;
-use super::layer::open_beneath;
+use super::layer::{list_dir, open_beneath};
 use super::marker;
-use super::node::{DirStack, Node};
+use super::node::{DirLayer, DirStack, Node};
+use super::workdir::WorkDir;
 use super::resolve::{self, Probe};
 use super::{Dentry, Overlay};
 use crate::sys::{self, XattrTarget};
@@ -431,73 +434,52 @@ impl Overlay {
                 let (dir, n) = self.upper_location(&src)?;
                 self.mark_opaque(XattrTarget::Entry(dir.top().fd(), &n))?;
             }
-            // Clear what the upper holds at the target: a whiteout, or an
-            // upper directory that may still hold whiteouts.
-            let dst_upper_kind =
-                match nix::sys::stat::fstatat(dst_dir.fd(), new_name, AtFlags::AT_SYMLINK_NOFOLLOW)
-                {
-                    Ok(st) => Some(Attr::from_stat(&st)),
-                    Err(Errno::ENOENT) => None,
-                    Err(e) => return Err(e).sys("fstatat"),
-                };
-            let mut cleared = None;
-            if let Some(existing) = dst_upper_kind
-                && (existing.is_dir() || src_attr.is_dir())
-            {
-                let tmp = TempEntry::new(work);
-                renameat2(
-                    dst_dir.fd(),
-                    new_name,
-                    tmp.fd(),
-                    tmp.name.as_os_str(),
-                    RenameFlags::empty(),
-                )
-                .sys("renameat2(clear target)")?;
-                cleared = Some(tmp);
-            }
-            let flags = if src_needs_whiteout && self.chardev_whiteouts() {
-                RenameFlags::RENAME_WHITEOUT
-            } else {
-                RenameFlags::empty()
+            // Every step below leaves an upper that reads as before or after
+            // the rename, as kernel overlayfs' own sequence does: a target
+            // that a directory cannot simply replace is turned into one it
+            // can in a single atomic step, never moved away first (a crash
+            // in between would bring the deleted lower entries back).
+            let dst_upper = match nix::sys::stat::fstatat(
+                dst_dir.fd(),
+                new_name,
+                AtFlags::AT_SYMLINK_NOFOLLOW,
+            ) {
+                Ok(st) => Some(Attr::from_stat(&st)),
+                Err(Errno::ENOENT) => None,
+                Err(e) => return Err(e).sys("fstatat"),
             };
-            let moved = renameat2(src_dir.fd(), name, dst_dir.fd(), new_name, flags);
-            let moved = match moved {
-                Err(Errno::EINVAL | Errno::EPERM)
-                    if flags.contains(RenameFlags::RENAME_WHITEOUT) =>
-                {
+            let ctx = |e: Error| e.with_path(src.path());
+            match dst_upper {
+                Some(existing) if src_attr.is_dir() && !existing.is_dir() => {
+                    // A whiteout: the directory and the whiteout trade places,
+                    // and the whiteout goes unless the old name needs one.
                     renameat2(
                         src_dir.fd(),
                         name,
                         dst_dir.fd(),
                         new_name,
-                        RenameFlags::empty(),
+                        RenameFlags::RENAME_EXCHANGE,
                     )
-                    .and_then(|()| {
-                        self.make_whiteout(src_dir.fd(), name)
-                            .map_err(|e| e.errno())
-                    })
+                    .sys("renameat2(exchange with whiteout)")
+                    .map_err(ctx)?;
+                    if !src_needs_whiteout {
+                        unlinkat(src_dir.fd(), name, UnlinkatFlags::NoRemoveDir)
+                            .sys("unlinkat(whiteout)")
+                            .map_err(ctx)?;
+                    }
                 }
-                Err(e) => Err(e),
-                Ok(()) if src_needs_whiteout && flags.is_empty() => self
-                    .make_whiteout(src_dir.fd(), name)
-                    .map_err(|e| e.errno()),
-                Ok(()) => Ok(()),
-            };
-            if let Err(e) = moved {
-                if let Some(mut tmp) = cleared {
-                    // Put the old target back.
-                    let _ = renameat2(
-                        tmp.fd(),
-                        tmp.name.as_os_str(),
-                        dst_dir.fd(),
-                        new_name,
-                        RenameFlags::empty(),
-                    );
-                    tmp.keep = true;
+                Some(existing) if existing.is_dir() => {
+                    // Empty in the merged view, but it may hold whiteouts,
+                    // which rename(2) would refuse to replace.
+                    self.clear_empty_dir(work, dst_dir, new_name, &existing)
+                        .map_err(ctx)?;
+                    self.move_entry(src_dir, name, dst_dir, new_name, src_needs_whiteout)
+                        .map_err(ctx)?;
                 }
-                return Err(Error::new(e, "renameat2").with_path(src.path()));
+                _ => self
+                    .move_entry(src_dir, name, dst_dir, new_name, src_needs_whiteout)
+                    .map_err(ctx)?,
             }
-            drop(cleared);
         }
 
         // Bring the node table and the lookup cache up to date.
@@ -514,6 +496,72 @@ impl Overlay {
         self.forget_dentry(parent, name);
         self.forget_dentry(new_parent, new_name);
         Ok(())
+    }
+
+    /// Renames `src_dir/name` to `dst_dir/new_name`, replacing what is there,
+    /// and leaves a whiteout at the old name when `whiteout`: in one step
+    /// with RENAME_WHITEOUT where the upper's filesystem can.
+    fn move_entry(
+        &self,
+        src_dir: &DirLayer,
+        name: &OsStr,
+        dst_dir: &DirLayer,
+        new_name: &OsStr,
+        whiteout: bool,
+    ) -> Result<()> {
+        if whiteout && self.chardev_whiteouts() {
+            match renameat2(
+                src_dir.fd(),
+                name,
+                dst_dir.fd(),
+                new_name,
+                RenameFlags::RENAME_WHITEOUT,
+            ) {
+                Ok(()) => return Ok(()),
+                Err(Errno::EINVAL | Errno::EPERM) => {}
+                Err(e) => return Err(e).sys("renameat2(whiteout)"),
+            }
+        }
+        renameat2(
+            src_dir.fd(),
+            name,
+            dst_dir.fd(),
+            new_name,
+            RenameFlags::empty(),
+        )
+        .sys("renameat2")?;
+        if whiteout {
+            self.make_whiteout(src_dir.fd(), name)?;
+        }
+        Ok(())
+    }
+
+    /// Makes the upper directory `dir/name`, empty in the merged view, empty
+    /// on disk too: an empty opaque directory with its attributes takes its
+    /// place in one exchange (kernel overlayfs' `ovl_clear_empty`), and the
+    /// old one, with the whiteouts it held, goes from the work dir.
+    fn clear_empty_dir(
+        &self,
+        work: &WorkDir,
+        dir: &DirLayer,
+        name: &OsStr,
+        existing: &Attr,
+    ) -> Result<()> {
+        let on_disk = open_beneath(dir.fd(), name, OFlag::O_PATH | OFlag::O_DIRECTORY)
+            .sys("openat2(target dir)")?;
+        if list_dir(on_disk.as_fd())?.is_empty() {
+            return Ok(());
+        }
+        let tmp = TempEntry::new(work);
+        mkdirat(tmp.fd(), tmp.name.as_os_str(), Mode::from_bits_truncate(0o700))
+            .sys("mkdirat(clear empty)")?;
+        copy_xattrs(
+            XattrTarget::Entry(dir.fd(), name),
+            XattrTarget::Entry(tmp.fd(), &tmp.name),
+        )?;
+        self.mark_opaque(XattrTarget::Entry(tmp.fd(), &tmp.name))?;
+        set_owner_mode_times(tmp.fd(), &tmp.name, existing)?;
+        tmp.swap_with(dir, name)
     }
 
     /// setattr: copy-up, then chown, truncate, chmod, utimens on the upper.
