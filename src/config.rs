@@ -448,39 +448,12 @@ fn check_fuse_device() -> Result<(), ConfigError> {
     }
 }
 
-/// Decodes the octal escapes mountinfo uses for spaces and the like.
-fn unescape_mountinfo(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 3 < bytes.len()
-            && let Ok(v) = u8::from_str_radix(&field[i + 1..i + 4], 8)
-        {
-            out.push(v);
-            i += 4;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// Whether `mountpoint` (canonical) carries a unionfs mount now.
 pub fn mounted_by_unionfs(mountpoint: &Path) -> bool {
-    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    info.lines().any(|line| {
-        let mut halves = line.splitn(2, " - ");
-        let (Some(left), Some(right)) = (halves.next(), halves.next()) else {
-            return false;
-        };
-        let target = left.split(' ').nth(4).map(unescape_mountinfo);
-        let fstype = right.split(' ').next();
-        target.as_deref() == mountpoint.to_str() && fstype == Some("fuse.unionfs")
+    crate::mountinfo::read().is_ok_and(|mounts| {
+        mounts
+            .iter()
+            .any(|m| m.mount_point == mountpoint && m.fs_type == "fuse.unionfs")
     })
 }
 
@@ -522,10 +495,5 @@ mod tests {
             default_work_dir(Path::new("/var/c1/upper")),
             PathBuf::from("/var/c1/.upper.unionfs-work")
         );
-    }
-
-    #[test]
-    fn mountinfo_escapes_decode() {
-        assert_eq!(unescape_mountinfo(r"/mnt/a\040b"), "/mnt/a b");
     }
 }

@@ -344,3 +344,17 @@ impl Drop for RemoveOnDrop {
         let _ = fs::remove_file(&self.0);
     }
 }
+
+#[test]
+fn mountpoint_with_escaped_characters() {
+    // mountinfo writes these as octal escapes; every reader must decode them
+    // (mount refusal, umount, readahead, the test harness itself).
+    let l = layout();
+    let mnt = l.s.mkdir("mnt with space\\and\ttab");
+    let mut m = UnionMount::mount(&[&l.lower], Some(&l.upper), &mnt, &[]);
+    assert_eq!(fs::read(m.path("file")).unwrap(), b"lower data");
+    let again = run(Command::new(BIN).args(["mount", "--lower", p(&l.lower), p(&mnt)]));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already a unionfs mount"));
+    m.unmount();
+    assert!(!is_mounted(&mnt));
+}

@@ -70,12 +70,7 @@ pub fn sh(cmd: &mut Command) -> Output {
 }
 
 pub fn fs_type_at(path: &Path) -> Option<String> {
-    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let path = path.to_str()?;
-    info.lines().rev().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        (left.split(' ').nth(4)? == path).then(|| right.split(' ').next().unwrap().to_string())
-    })
+    unionfs::mountinfo::mount_at(path).map(|m| m.fs_type)
 }
 
 pub fn is_mounted(path: &Path) -> bool {
@@ -171,8 +166,11 @@ impl UnionMount {
     /// Takes charge of a mount started some other way.
     pub fn adopt(mountpoint: &Path) -> UnionMount {
         let mountpoint = mountpoint.canonicalize().unwrap();
-        wait_until(|| fs_type_at(&mountpoint).as_deref() == Some("fuse.unionfs"));
-        UnionMount { mountpoint }
+        // The guard exists before the wait, so a mount that never shows up
+        // as expected is still unmounted when the wait panics.
+        let guard = UnionMount { mountpoint };
+        wait_until(|| fs_type_at(&guard.mountpoint).as_deref() == Some("fuse.unionfs"));
+        guard
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
