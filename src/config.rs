@@ -3,10 +3,13 @@
 
 use std::fmt;
 use std::fs;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
 use tracing::warn;
 
 /// A mount as asked for on the command line, paths as given.
@@ -440,12 +443,38 @@ fn prepare_work_dir(
 
 fn check_fuse_device() -> Result<(), ConfigError> {
     match fs::metadata("/dev/fuse") {
-        Ok(m) if m.file_type().is_char_device() => Ok(()),
-        Ok(_) => refuse("/dev/fuse is not a character device".into()),
-        Err(e) => refuse(format!(
-            "/dev/fuse: {e} (load the fuse module or pass --device /dev/fuse to the container)"
-        )),
+        Ok(m) if m.file_type().is_char_device() => {}
+        Ok(_) => return refuse("/dev/fuse is not a character device".into()),
+        Err(e) => {
+            return refuse(format!(
+                "/dev/fuse: {e} (load the fuse module or pass --device /dev/fuse to the container)"
+            ));
+        }
     }
+    // The daemon opens it after detaching; found out here, the caller hears
+    // why instead of only that the daemon died.
+    open_fuse_device().map(drop).map_err(ConfigError)
+}
+
+/// Opens the FUSE device, or says why not and what to do about it.
+pub fn open_fuse_device() -> Result<OwnedFd, String> {
+    nix::fcntl::open(
+        "/dev/fuse",
+        OFlag::O_RDWR | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| {
+        let hint = match e {
+            Errno::EACCES | Errno::EPERM => {
+                " (mount as root, or give this user read and write access to /dev/fuse)"
+            }
+            Errno::ENOENT | Errno::ENODEV | Errno::ENXIO => {
+                " (load the fuse module or pass --device /dev/fuse to the container)"
+            }
+            _ => "",
+        };
+        format!("cannot open /dev/fuse: {}{hint}", e.desc())
+    })
 }
 
 /// Whether `mountpoint` (canonical) carries a unionfs mount now.

@@ -12,6 +12,7 @@ use fuser::{Config, MountOption, Session, SessionACL};
 use nix::errno::Errno;
 use nix::mount::{MntFlags, umount2};
 use nix::sys::signal::{SigSet, Signal, kill};
+use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
@@ -24,7 +25,25 @@ use crate::sys::{self, Forked};
 
 const PID_DIR: &str = "/run/unionfs";
 
-fn init_logging(debug: bool, log_file: Option<&Path>) -> Result<(), String> {
+/// Opened before forking: an unusable path is reported to the caller at
+/// once, and the detached daemon gets a file it knows it can write.
+fn open_log_file(path: Option<&Path>) -> Result<Option<File>, String> {
+    path.map(|path| {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| {
+                format!(
+                    "cannot open log file '{}': {e} (pass a writable --log-file)",
+                    path.display()
+                )
+            })
+    })
+    .transpose()
+}
+
+fn init_logging(debug: bool, log_file: Option<File>) -> Result<(), String> {
     let default = if debug {
         "unionfs=debug,fuser=info"
     } else {
@@ -35,56 +54,98 @@ fn init_logging(debug: bool, log_file: Option<&Path>) -> Result<(), String> {
         .with_env_filter(filter)
         .with_target(false);
     match log_file {
-        Some(path) => {
-            let file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|e| format!("log file '{}': {e}", path.display()))?;
-            builder.with_ansi(false).with_writer(Arc::new(file)).init();
-        }
-        None => builder.with_writer(std::io::stderr).init(),
+        Some(file) => builder
+            .with_ansi(false)
+            .with_writer(Arc::new(file))
+            .try_init(),
+        None => builder.with_writer(std::io::stderr).try_init(),
     }
-    Ok(())
+    .map_err(|e| format!("cannot start logging: {e}"))
+}
+
+/// What a detached daemon sends its waiting caller once the mount answers;
+/// anything else it sends is the reason it failed.
+const READY: &str = "ok";
+
+/// A detached daemon's line to the `unionfs mount` process waiting for it.
+struct ReadyPipe(Option<File>);
+
+impl ReadyPipe {
+    /// Tells the caller the mount is ready and lets go of its terminal.
+    fn ready(&mut self) {
+        if let Some(mut pipe) = self.0.take() {
+            detach_stdio();
+            let _ = pipe.write_all(READY.as_bytes());
+        }
+    }
+
+    /// Hands the caller the reason; false once it is no longer waiting.
+    fn fail(&mut self, msg: &str) -> bool {
+        match self.0.take() {
+            Some(mut pipe) => pipe.write_all(msg.as_bytes()).is_ok(),
+            None => false,
+        }
+    }
 }
 
 /// Mounts and serves. In the background mode the parent process returns
 /// (exit 0) only once the child has mounted and the kernel has completed the
 /// FUSE handshake, or prints the child's error and fails.
 pub fn mount(mount: ValidMount) -> Result<(), String> {
+    let log_file = open_log_file(mount.log_file.as_deref())?;
     if mount.foreground {
-        init_logging(mount.debug, mount.log_file.as_deref())?;
-        return serve(&mount, None);
+        init_logging(mount.debug, log_file)?;
+        return serve(&mount, &mut ReadyPipe(None));
     }
-    let (ready_read, ready_write) =
-        nix::unistd::pipe().map_err(|e| format!("pipe: {}", e.desc()))?;
+    let (ready_read, ready_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| format!("pipe: {}", e.desc()))?;
     match sys::fork_single_threaded().map_err(|e| format!("fork: {e}"))? {
         Forked::Parent(child) => {
             drop(ready_write);
+            drop(log_file);
             let mut message = String::new();
             let _ = File::from(ready_read).read_to_string(&mut message);
-            if message == "ok" {
+            if message == READY {
                 return Ok(());
             }
-            let _ = nix::sys::wait::waitpid(child, None);
+            let status = nix::sys::wait::waitpid(child, None);
             if message.is_empty() {
-                message = "the daemon exited before the mount was ready".into();
+                message = format!(
+                    "the daemon exited before the mount was ready ({}); \
+                     run the same mount with --foreground --debug to see why",
+                    describe_exit(status)
+                );
             }
             Err(message)
         }
         Forked::Child => {
             drop(ready_read);
             let _ = nix::unistd::setsid();
-            let logged = init_logging(mount.debug, mount.log_file.as_deref());
-            let result = logged.and_then(|()| serve(&mount, Some(ready_write)));
+            let mut ready = ReadyPipe(Some(File::from(ready_write)));
+            let logs_to_file = log_file.is_some();
+            let result =
+                init_logging(mount.debug, log_file).and_then(|()| serve(&mount, &mut ready));
             match result {
                 Ok(()) => std::process::exit(0),
                 Err(msg) => {
-                    warn!("{msg}");
+                    // Logged to the caller's stderr as well, it would
+                    // print twice there.
+                    if !ready.fail(&msg) || logs_to_file {
+                        warn!("{msg}");
+                    }
                     std::process::exit(1)
                 }
             }
         }
+    }
+}
+
+fn describe_exit(status: nix::Result<WaitStatus>) -> String {
+    match status {
+        Ok(WaitStatus::Exited(_, code)) => format!("exit status {code}"),
+        Ok(WaitStatus::Signaled(_, signal, _)) => format!("killed by {signal}"),
+        Ok(other) => format!("{other:?}"),
+        Err(e) => format!("wait: {}", e.desc()),
     }
 }
 
@@ -126,25 +187,37 @@ fn session_config(mount: &ValidMount) -> Config {
 /// Mounts with type `fuse.unionfs` (fuser's own mount says plain `fuse`,
 /// which hides what the mount is from mount(8), podman and `unionfs umount`).
 /// Unprivileged callers fall back to fuser's fusermount3 path.
-fn start_session(fs: UnionFs, mount: &ValidMount) -> std::io::Result<Session<UnionFs>> {
+fn start_session(fs: UnionFs, mount: &ValidMount) -> Result<Session<UnionFs>, String> {
     let config = session_config(mount);
-    match mount_fuse(mount) {
-        Ok(fd) => Session::from_fd(fs, fd, SessionACL::All, config),
-        Err(Errno::EPERM) => Session::new(fs, &mount.mountpoint, &config),
-        Err(e) => Err(e.into()),
+    let target = mount.mountpoint.display();
+    match mount_fuse(mount)? {
+        Some(fd) => Session::from_fd(fs, fd, SessionACL::All, config)
+            .map_err(|e| format!("cannot start the FUSE session on '{target}': {e}")),
+        None => Session::new(fs, &mount.mountpoint, &config).map_err(|e| {
+            let hint = match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    " (mount as root, or install fusermount3 from the fuse3 package)"
+                }
+                _ => " (mount as root, or set user_allow_other in /etc/fuse.conf)",
+            };
+            format!(
+                "cannot mount on '{target}' without root, through fusermount3: {}{hint}",
+                e.to_string().trim()
+            )
+        }),
     }
 }
 
-fn mount_fuse(mount: &ValidMount) -> Result<OwnedFd, Errno> {
-    use nix::fcntl::{OFlag, open};
+/// The mounted FUSE device, or None when mount(2) is not allowed to this
+/// process (then fusermount3 may do it).
+fn mount_fuse(mount: &ValidMount) -> Result<Option<OwnedFd>, String> {
     use nix::mount::MsFlags;
-    use nix::sys::stat::Mode;
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::MetadataExt;
 
-    let dev = open("/dev/fuse", OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())?;
+    let dev = crate::config::open_fuse_device()?;
     let root_mode = fs::metadata(&mount.mountpoint)
-        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?
+        .map_err(|e| format!("mountpoint '{}': {e}", mount.mountpoint.display()))?
         .mode();
     let data = format!(
         "fd={},rootmode={:o},user_id={},group_id={},default_permissions,allow_other",
@@ -159,14 +232,21 @@ fn mount_fuse(mount: &ValidMount) -> Result<OwnedFd, Errno> {
     flags.set(MsFlags::MS_NODEV, o.nodev);
     flags.set(MsFlags::MS_NOSUID, o.nosuid);
     flags.set(MsFlags::MS_NOEXEC, o.noexec);
-    nix::mount::mount(
+    match nix::mount::mount(
         Some(mount.fsname.as_str()),
         &mount.mountpoint,
         Some("fuse.unionfs"),
         flags,
         Some(data.as_str()),
-    )?;
-    Ok(dev)
+    ) {
+        Ok(()) => Ok(Some(dev)),
+        Err(Errno::EPERM) => Ok(None),
+        Err(e) => Err(format!(
+            "cannot mount on '{}': {}",
+            mount.mountpoint.display(),
+            e.desc()
+        )),
+    }
 }
 
 /// Large trees keep one descriptor per live directory and layer.
@@ -184,7 +264,7 @@ fn raise_fd_limit() {
     }
 }
 
-fn serve(mount: &ValidMount, ready: Option<OwnedFd>) -> Result<(), String> {
+fn serve(mount: &ValidMount, ready: &mut ReadyPipe) -> Result<(), String> {
     raise_fd_limit();
     // Modes arrive from the kernel with the caller's umask applied already;
     // the daemon's own must not take more bits away.
@@ -211,8 +291,7 @@ fn serve(mount: &ValidMount, ready: Option<OwnedFd>) -> Result<(), String> {
             lower_passthrough: mount.options.lower_passthrough,
         },
     );
-    let session = start_session(fs, mount)
-        .map_err(|e| format!("cannot mount on '{}': {e}", mount.mountpoint.display()))?;
+    let session = start_session(fs, mount)?;
     info!(mountpoint = %mount.mountpoint.display(), layers = core.layers().len(), "mounted");
     let layer_dirs: Vec<PathBuf> = mount.upper.iter().chain(&mount.lowers).cloned().collect();
     crate::readahead::match_layers(
@@ -236,10 +315,7 @@ fn serve(mount: &ValidMount, ready: Option<OwnedFd>) -> Result<(), String> {
         })
         .map_err(|e| format!("spawn signal thread: {e}"))?;
 
-    if let Some(ready) = ready {
-        detach_stdio();
-        let _ = File::from(ready).write_all(b"ok");
-    }
+    ready.ready();
     let result = session.run();
     // A new mount on the same mountpoint may already have written its own
     // pid there: remove the file only while it is still ours.

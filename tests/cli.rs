@@ -31,8 +31,8 @@ fn layout() -> Layout {
 }
 
 /// Runs `unionfs ARGS`, expects failure naming `expected`, and checks that
-/// nothing got mounted.
-fn refused(args: &[&str], mountpoint: &Path, expected: &str) {
+/// nothing got mounted. Returns the message.
+fn refused(args: &[&str], mountpoint: &Path, expected: &str) -> String {
     let out = run(Command::new(BIN).args(args));
     let stderr = String::from_utf8_lossy(&out.stderr);
     if out.status.success() {
@@ -46,6 +46,7 @@ fn refused(args: &[&str], mountpoint: &Path, expected: &str) {
     assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
     assert_eq!(stderr.lines().count(), 1, "one clear message: {stderr:?}");
     assert!(!is_mounted(mountpoint), "{args:?} left a mount behind");
+    stderr.into_owned()
 }
 
 fn p(path: &Path) -> &str {
@@ -356,5 +357,72 @@ fn mountpoint_with_escaped_characters() {
     let again = run(Command::new(BIN).args(["mount", "--lower", p(&l.lower), p(&mnt)]));
     assert!(String::from_utf8_lossy(&again.stderr).contains("already a unionfs mount"));
     m.unmount();
+    assert!(!is_mounted(&mnt));
+}
+
+#[test]
+fn detached_mount_reports_an_unwritable_log_file() {
+    let l = layout();
+    let ro = l.s.mkdir("ro-logs");
+    sh(Command::new("mount").arg("--bind").arg(&ro).arg(&ro));
+    let _ro_guard = Unmounter(ro.clone());
+    sh(Command::new("mount")
+        .args(["-o", "remount,bind,ro"])
+        .arg(&ro));
+    let log = ro.join("unionfs.log");
+    let stderr = refused(
+        &[
+            "mount",
+            "--lower",
+            p(&l.lower),
+            "--log-file",
+            p(&log),
+            p(&l.mnt),
+        ],
+        &l.mnt,
+        "Read-only file system",
+    );
+    assert!(stderr.contains(p(&log)), "names the log file: {stderr:?}");
+}
+
+#[test]
+fn detached_mount_reports_an_inaccessible_dev_fuse() {
+    // nobody cannot open /dev/fuse (0600 here); everything else is theirs.
+    let l = layout();
+    let nobody_dir = l.s.mkdir("nobody");
+    let upper = l.s.mkdir("nobody/upper");
+    let mnt = l.s.mkdir("nobody/mnt");
+    chmod(l.s.dir.path(), 0o755);
+    for dir in [&nobody_dir, &upper, &mnt] {
+        std::os::unix::fs::chown(dir, Some(65534), Some(65534)).unwrap();
+    }
+    let dev_fuse = fs::metadata("/dev/fuse").unwrap();
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::mode(&dev_fuse) & 0o006,
+        0,
+        "this test needs a /dev/fuse that others cannot open"
+    );
+    let out = run(Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN])
+        .args([
+            "mount",
+            "--lower",
+            p(&l.lower),
+            "--upper",
+            p(&upper),
+            p(&mnt),
+        ]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        let _cleanup = UnionMount::adopt(&mnt);
+        panic!("nobody could mount: {stderr}");
+    }
+    assert!(
+        stderr.contains("/dev/fuse") && stderr.contains("Permission denied"),
+        "the real reason: {stderr:?}"
+    );
+    assert!(stderr.contains("root"), "what to do: {stderr:?}");
+    assert!(!stderr.contains("exited before"), "{stderr:?}");
+    assert_eq!(stderr.lines().count(), 1, "one clear message: {stderr:?}");
     assert!(!is_mounted(&mnt));
 }
