@@ -282,7 +282,18 @@ fn serve(mount: &ValidMount, ready: &mut ReadyPipe) -> Result<(), String> {
         work: mount.work.clone(),
         volatile: mount.options.volatile,
     })
-    .map_err(|e| format!("cannot open layers: {e}"))?;
+    .map_err(|e| {
+        if e.op() == crate::overlay::workdir::IN_USE {
+            let work = mount.work.as_deref().unwrap_or(Path::new("?"));
+            format!(
+                "work directory '{}' is in use by another mount; an upper and work \
+                 directory serve one mount at a time (unmount the other one first)",
+                work.display()
+            )
+        } else {
+            format!("cannot open layers: {e}")
+        }
+    })?;
     let core = Arc::new(core);
     let fs = UnionFs::new(
         core.clone(),

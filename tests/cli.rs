@@ -361,6 +361,52 @@ fn mountpoint_with_escaped_characters() {
 }
 
 #[test]
+fn second_mount_of_the_same_upper_and_work_dir_is_refused() {
+    let l = layout();
+    let m = UnionMount::mount(&[&l.lower], Some(&l.upper), &l.mnt, &[]);
+    let work = l.s.path(".upper.unionfs-work").canonicalize().unwrap();
+    // What a copy-up in flight in the first daemon looks like.
+    let in_flight = work.join("work").join("#1.0");
+    fs::write(&in_flight, b"half copied").unwrap();
+
+    let mnt2 = l.s.mkdir("mnt2");
+    let out = run(Command::new(BIN).args([
+        "mount",
+        "--lower",
+        p(&l.lower),
+        "--upper",
+        p(&l.upper),
+        p(&mnt2),
+    ]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        let _second = UnionMount::adopt(&mnt2);
+        panic!("a second mount of the same upper and work dir was accepted");
+    }
+    assert!(
+        stderr.contains(p(&work)) && stderr.contains("in use"),
+        "the message names the work dir: {stderr:?}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "one clear message: {stderr:?}");
+    assert!(!is_mounted(&mnt2));
+    assert!(in_flight.exists(), "the refused mount cleaned the work dir");
+
+    // The first mount still reads and writes (copy-up goes through the work dir).
+    assert_eq!(fs::read(m.path("file")).unwrap(), b"lower data");
+    fs::write(m.path("file"), b"changed").unwrap();
+    assert_eq!(fs::read(l.upper.join("file")).unwrap(), b"changed");
+
+    // Once the first daemon is gone, the work dir is free again.
+    drop(m);
+    let m2 = UnionMount::mount(&[&l.lower], Some(&l.upper), &mnt2, &[]);
+    assert_eq!(fs::read(m2.path("file")).unwrap(), b"changed");
+    assert!(
+        !in_flight.exists(),
+        "leftovers are removed at the next mount"
+    );
+}
+
+#[test]
 fn detached_mount_reports_an_unwritable_log_file() {
     let l = layout();
     let ro = l.s.mkdir("ro-logs");
