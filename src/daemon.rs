@@ -95,6 +95,7 @@ pub fn mount(mount: ValidMount) -> Result<(), String> {
     let log_file = open_log_file(mount.log_file.as_deref())?;
     if mount.foreground {
         init_logging(mount.debug, log_file)?;
+        log_warnings(&mount);
         return serve(&mount, &mut ReadyPipe(None));
     }
     let (ready_read, ready_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
@@ -123,8 +124,10 @@ pub fn mount(mount: ValidMount) -> Result<(), String> {
             let _ = nix::unistd::setsid();
             let mut ready = ReadyPipe(Some(File::from(ready_write)));
             let logs_to_file = log_file.is_some();
-            let result =
-                init_logging(mount.debug, log_file).and_then(|()| serve(&mount, &mut ready));
+            let result = init_logging(mount.debug, log_file).and_then(|()| {
+                log_warnings(&mount);
+                serve(&mount, &mut ready)
+            });
             match result {
                 Ok(()) => std::process::exit(0),
                 Err(msg) => {
@@ -136,6 +139,16 @@ pub fn mount(mount: ValidMount) -> Result<(), String> {
                     std::process::exit(1)
                 }
             }
+        }
+    }
+}
+
+/// The caller saw the option warnings on its stderr already; a log file
+/// keeps them with the rest of the mount's story.
+fn log_warnings(mount: &ValidMount) {
+    if mount.log_file.is_some() {
+        for warning in &mount.warnings {
+            warn!("{warning}");
         }
     }
 }

@@ -472,3 +472,77 @@ fn detached_mount_reports_an_inaccessible_dev_fuse() {
     assert_eq!(stderr.lines().count(), 1, "one clear message: {stderr:?}");
     assert!(!is_mounted(&mnt));
 }
+
+#[test]
+fn invalid_option_values_are_refused() {
+    let l = layout();
+    let mnt = p(&l.mnt);
+    let lower = p(&l.lower);
+    for (opts, expected) in [
+        ("threads=0", "threads=0"),
+        ("threads=-2", "threads=-2"),
+        ("threads=many", "threads=many"),
+        ("threads", "needs a value"),
+        ("passthrough=some", "passthrough=some"),
+        ("ro=yes", "takes no value"),
+        ("upperdir=", "needs a value"),
+    ] {
+        refused(
+            &["mount", "--lower", lower, mnt, "-o", opts],
+            &l.mnt,
+            expected,
+        );
+        // The mount-helper form (fstab, podman) goes through the same checks.
+        let helper = format!("lowerdir={lower},{opts}");
+        refused(&["-o", &helper, mnt], &l.mnt, expected);
+    }
+    for threads in ["0", "x"] {
+        let out =
+            run(Command::new(BIN).args(["mount", "--lower", lower, "--threads", threads, mnt]));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            let _cleanup = UnionMount::adopt(&l.mnt);
+            panic!("--threads {threads} was accepted");
+        }
+        assert!(stderr.contains("--threads"), "{stderr}");
+        assert!(!is_mounted(&l.mnt));
+    }
+}
+
+#[test]
+fn ignored_options_are_warned_about_on_stderr() {
+    let l = layout();
+    let out = sh(Command::new(BIN).args([
+        "mount",
+        "--lower",
+        p(&l.lower),
+        p(&l.mnt),
+        "-o",
+        "frobnicate,uidmapping=0:1000:1,noatime",
+    ]));
+    let m = UnionMount::adopt(&l.mnt);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("frobnicate") && stderr.contains("uidmapping"),
+        "{stderr:?}"
+    );
+    assert!(
+        !stderr.contains("noatime"),
+        "noatime needs no warning: {stderr:?}"
+    );
+    assert_eq!(stderr.lines().count(), 2, "{stderr:?}");
+    drop(m);
+
+    // What podman's overlay.mount_program passes is taken without a word.
+    let work = l.s.mkdir("work");
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={},,volatile,context=\"system_u:object_r:container_file_t:s0:c1,c2\",nodev,fsync=0",
+        p(&l.lower),
+        p(&l.upper),
+        p(&work)
+    );
+    let out = sh(Command::new(BIN).args(["-o", &opts, p(&l.mnt)]));
+    let m = UnionMount::adopt(&l.mnt);
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+    assert_eq!(fs::read(m.path("file")).unwrap(), b"lower data");
+}
