@@ -66,10 +66,11 @@ pub struct MountArgs {
 #[derive(Debug, Args)]
 pub struct UmountArgs {
     pub mountpoint: PathBuf,
-    /// Detach now even if busy; the daemon exits when the last user goes
+    /// Detach now even if busy and return; the daemon exits when the last
+    /// user goes
     #[arg(short = 'l', long)]
     pub lazy: bool,
-    /// Seconds to wait for the daemon to exit
+    /// Seconds to wait for the daemon to exit (not with --lazy)
     #[arg(long, default_value_t = 30)]
     pub timeout: u64,
 }

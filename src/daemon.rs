@@ -402,7 +402,8 @@ fn unmount(mountpoint: &Path, lazy: bool) -> Result<(), Errno> {
     }
 }
 
-/// `unionfs umount`: unmount, then wait for the daemon to finish and exit.
+/// `unionfs umount`: unmount, then wait for the daemon to finish and exit
+/// (`--lazy`: detach and return).
 pub fn umount(args: &UmountArgs) -> Result<(), String> {
     let mountpoint = args
         .mountpoint
@@ -432,7 +433,9 @@ pub fn umount(args: &UmountArgs) -> Result<(), String> {
             }
         )
     })?;
-    let Some(pid) = pid else {
+    // A lazily detached mount stays alive while it is in use, and so does
+    // its daemon: waiting for it could take forever.
+    let Some(pid) = pid.filter(|_| !args.lazy) else {
         return Ok(());
     };
     let deadline = Instant::now() + Duration::from_secs(args.timeout);

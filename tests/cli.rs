@@ -6,6 +6,7 @@ mod common;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -545,4 +546,64 @@ fn ignored_options_are_warned_about_on_stderr() {
     let m = UnionMount::adopt(&l.mnt);
     assert_eq!(String::from_utf8_lossy(&out.stderr), "");
     assert_eq!(fs::read(m.path("file")).unwrap(), b"lower data");
+}
+
+/// A process the test started, killed by its PID when the test ends however
+/// it ends; then waits for a daemon to follow, and kills it (by PID) if it
+/// does not, so no daemon outlives the test.
+struct Busy {
+    child: std::process::Child,
+    daemon: i32,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !process_gone(self.daemon) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if !process_gone(self.daemon) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.daemon),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+#[test]
+fn lazy_umount_of_a_busy_mount_returns_at_once() {
+    let l = layout();
+    let m = UnionMount::mount(&[&l.lower], Some(&l.upper), &l.mnt, &[]);
+    let daemon = m.daemon_pid().expect("daemon pid");
+    let busy = Busy {
+        child: Command::new("sleep")
+            .arg("60")
+            .current_dir(&m.mountpoint)
+            .spawn()
+            .unwrap(),
+        daemon,
+    };
+
+    let started = Instant::now();
+    let out = run(Command::new(BIN).args(["umount", "--lazy", "--timeout", "5", p(&l.mnt)]));
+    let took = started.elapsed();
+    assert!(
+        out.status.success(),
+        "umount --lazy failed after {took:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(took < Duration::from_secs(2), "umount --lazy took {took:?}");
+    assert!(!is_mounted(&l.mnt));
+    let mounts = fs::read_to_string("/proc/mounts").unwrap();
+    assert!(!mounts.contains(p(&l.mnt)), "still in /proc/mounts");
+
+    // The daemon serves the detached tree while it is in use, and exits
+    // once its last user goes.
+    assert!(!process_gone(daemon), "the daemon left a busy mount");
+    drop(busy);
+    assert!(process_gone(daemon), "the daemon outlived its last user");
+    drop(m);
 }

@@ -298,6 +298,14 @@ pub fn on_kernel_then_unionfs<T>(
     (expected, got)
 }
 
+/// Whether process `pid` has exited (a zombie has; its parent just has not
+/// reaped it).
+pub fn process_gone(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|st| st.rsplit(')').next().unwrap().trim_start().starts_with('Z'))
+        .unwrap_or(true)
+}
+
 pub fn wait_until(mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !cond() {
