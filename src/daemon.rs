@@ -2,7 +2,7 @@
 //! serve, unmount cleanly on SIGTERM/SIGINT, and `unionfs umount`.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -58,7 +58,12 @@ fn init_logging(debug: bool, log_file: Option<File>) -> Result<(), String> {
             .with_ansi(false)
             .with_writer(Arc::new(file))
             .try_init(),
-        None => builder.with_writer(std::io::stderr).try_init(),
+        // Colour codes only for a person at a terminal: in a pipe or a
+        // redirected file they are noise for whoever reads it.
+        None => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .try_init(),
     }
     .map_err(|e| format!("cannot start logging: {e}"))
 }

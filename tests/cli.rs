@@ -607,3 +607,76 @@ fn lazy_umount_of_a_busy_mount_returns_at_once() {
     assert!(process_gone(daemon), "the daemon outlived its last user");
     drop(m);
 }
+
+/// A foreground daemon the test started: killed by its PID if the test
+/// ends before it exits.
+struct Foreground(std::process::Child);
+
+impl Drop for Foreground {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+#[test]
+fn logs_carry_no_colour_codes_in_files_or_pipes() {
+    let l = layout();
+    let busy_work = |m: &UnionMount| {
+        fs::write(m.path("file"), b"copied up").unwrap();
+        fs::write(m.path("new"), b"new").unwrap();
+        fs::remove_file(m.path("file")).unwrap();
+        assert!(fs::read(m.path("missing")).is_err());
+        assert_eq!(fs::read_dir(&m.mountpoint).unwrap().count(), 1);
+    };
+    let esc = |log: &[u8]| log.iter().filter(|b| **b == 0x1b).count();
+
+    let log = l.s.path("unionfs.log");
+    let m = UnionMount::mount(
+        &[&l.lower],
+        Some(&l.upper),
+        &l.mnt,
+        &["--debug", "--log-file", p(&log)],
+    );
+    busy_work(&m);
+    drop(m);
+    let logged = fs::read(&log).unwrap();
+    assert!(
+        logged.len() > 100,
+        "a debug log: {}",
+        String::from_utf8_lossy(&logged)
+    );
+    assert_eq!(esc(&logged), 0, "{}", String::from_utf8_lossy(&logged));
+
+    // A foreground daemon logging into a pipe.
+    let upper = l.s.mkdir("upper-2");
+    let mut daemon = Foreground(
+        Command::new(BIN)
+            .args(["mount", "--foreground", "--debug", "--lower", p(&l.lower)])
+            .args(["--upper", p(&upper), p(&l.mnt)])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut pipe = daemon.0.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut pipe, &mut out);
+        out
+    });
+    let m = UnionMount::adopt(&l.mnt);
+    busy_work(&m);
+    drop(m);
+    wait_until(|| daemon.0.try_wait().unwrap().is_some());
+    let logged = reader.join().unwrap();
+    assert!(
+        logged.len() > 100,
+        "a debug log: {}",
+        String::from_utf8_lossy(&logged)
+    );
+    assert_eq!(esc(&logged), 0, "{}", String::from_utf8_lossy(&logged));
+}
