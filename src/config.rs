@@ -303,10 +303,23 @@ fn existing_dir(role: &str, path: &Path) -> Result<PathBuf, ConfigError> {
         Ok(p) => p,
         Err(e) => return refuse(format!("{role} '{}': {e}", path.display())),
     };
-    if !canonical.is_dir() {
-        return refuse(format!("{role} '{}' is not a directory", path.display()));
+    match fs::metadata(&canonical) {
+        Ok(meta) if meta.is_dir() => Ok(canonical),
+        Ok(_) => refuse(format!("{role} '{}' is not a directory", path.display())),
+        Err(e) if crate::daemon::is_dead_fuse_mount(&e) => {
+            let how = if mounted_by_unionfs(&canonical) {
+                "unionfs umount"
+            } else {
+                "umount"
+            };
+            refuse(format!(
+                "{role} '{}' is a FUSE mount whose daemon is gone; unmount it first: {how} '{}'",
+                path.display(),
+                canonical.display()
+            ))
+        }
+        Err(e) => refuse(format!("{role} '{}': {e}", path.display())),
     }
-    Ok(canonical)
 }
 
 /// Whether `inner` is `outer` or lies below it.

@@ -11,9 +11,8 @@ use std::time::{Duration, Instant};
 use fuser::{Config, MountOption, Session, SessionACL};
 use nix::errno::Errno;
 use nix::mount::{MntFlags, umount2};
-use nix::sys::signal::{SigSet, Signal, kill};
+use nix::sys::signal::{SigSet, Signal};
 use nix::sys::wait::WaitStatus;
-use nix::unistd::Pid;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
@@ -98,6 +97,9 @@ impl ReadyPipe {
 /// FUSE handshake, or prints the child's error and fails.
 pub fn mount(mount: ValidMount) -> Result<(), String> {
     let log_file = open_log_file(mount.log_file.as_deref())?;
+    // Left by a daemon that was killed; it would name the wrong process
+    // if this mount fails before writing its own.
+    remove_stale_pid_file(&mount.mountpoint);
     if mount.foreground {
         init_logging(mount.debug, log_file)?;
         log_warnings(&mount);
@@ -349,7 +351,7 @@ fn serve(mount: &ValidMount, ready: &mut ReadyPipe) -> Result<(), String> {
     // A new mount on the same mountpoint may already have written its own
     // pid there: remove the file only while it is still ours.
     if let Some(path) = pid_file
-        && fs::read_to_string(&path).is_ok_and(|s| s.trim() == std::process::id().to_string())
+        && PidRecord::read(&path).is_some_and(|r| r.pid == PidRecord::own().pid)
     {
         let _ = fs::remove_file(path);
     }
@@ -385,10 +387,104 @@ pub fn pid_file_for(mountpoint: &Path) -> PathBuf {
     Path::new(PID_DIR).join(format!("{hash:016x}.pid"))
 }
 
+/// A pid file's content: the daemon's pid and its start time (clock ticks
+/// after boot, /proc/PID/stat field 22). A daemon that was killed leaves
+/// its file behind, and its pid may go to another process; the start time
+/// tells them apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PidRecord {
+    pid: i32,
+    /// None in files of earlier versions, which wrote the pid alone.
+    start: Option<u64>,
+}
+
+/// A process as /proc/PID/stat shows it.
+struct ProcStat {
+    zombie: bool,
+    start: u64,
+}
+
+fn proc_stat(pid: i32) -> Option<ProcStat> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses; the
+    // fields after its closing parenthesis start at field 3.
+    let after_name: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some(ProcStat {
+        zombie: after_name.first()? == &"Z",
+        start: after_name.get(22 - 3)?.parse().ok()?,
+    })
+}
+
+impl PidRecord {
+    fn own() -> PidRecord {
+        let pid = std::process::id() as i32;
+        PidRecord {
+            pid,
+            start: proc_stat(pid).map(|s| s.start),
+        }
+    }
+
+    fn read(path: &Path) -> Option<PidRecord> {
+        let text = fs::read_to_string(path).ok()?;
+        let mut fields = text.split_whitespace();
+        let pid = fields.next()?.parse().ok().filter(|pid| *pid > 0)?;
+        let start = fields.next().and_then(|s| s.parse().ok());
+        Some(PidRecord { pid, start })
+    }
+
+    fn line(&self) -> String {
+        match self.start {
+            Some(start) => format!("{} {start}\n", self.pid),
+            None => format!("{}\n", self.pid),
+        }
+    }
+
+    /// Whether the daemon that wrote this is still running.
+    fn is_live(&self) -> bool {
+        let Some(stat) = proc_stat(self.pid) else {
+            return false;
+        };
+        if stat.zombie {
+            return false;
+        }
+        match self.start {
+            Some(start) => stat.start == start,
+            // No start time: the best left is whether it runs unionfs.
+            None => fs::read_link(format!("/proc/{}/exe", self.pid)).is_ok_and(|exe| {
+                exe.file_name().is_some_and(|name| {
+                    // " (deleted)": the binary was replaced by an upgrade.
+                    matches!(name.as_encoded_bytes(), b"unionfs" | b"unionfs (deleted)")
+                })
+            }),
+        }
+    }
+}
+
+/// The pid of the live daemon serving `mountpoint` (canonical), if its pid
+/// file names one.
+pub fn daemon_pid(mountpoint: &Path) -> Option<i32> {
+    PidRecord::read(&pid_file_for(mountpoint))
+        .filter(PidRecord::is_live)
+        .map(|r| r.pid)
+}
+
+/// Removes the pid file of `mountpoint` if the daemon it names is gone.
+fn remove_stale_pid_file(mountpoint: &Path) {
+    let path = pid_file_for(mountpoint);
+    if let Some(record) = PidRecord::read(&path)
+        && !record.is_live()
+        // Not if a new daemon has written its own meanwhile.
+        && PidRecord::read(&path) == Some(record)
+    {
+        info!(pid = record.pid, path = %path.display(), "removing a stale pid file");
+        let _ = fs::remove_file(&path);
+    }
+}
+
 fn write_pid_file(mountpoint: &Path) -> Option<PathBuf> {
     let path = pid_file_for(mountpoint);
     fs::create_dir_all(PID_DIR).ok()?;
-    fs::write(&path, format!("{}\n", std::process::id())).ok()?;
+    fs::write(&path, PidRecord::own().line()).ok()?;
     Some(path)
 }
 
@@ -410,17 +506,14 @@ fn unmount(mountpoint: &Path, lazy: bool) -> Result<(), Errno> {
 /// `unionfs umount`: unmount, then wait for the daemon to finish and exit
 /// (`--lazy`: detach and return).
 pub fn umount(args: &UmountArgs) -> Result<(), String> {
-    let mountpoint = args
-        .mountpoint
-        .canonicalize()
-        .map_err(|e| format!("'{}': {e}", args.mountpoint.display()))?;
+    let mountpoint = canonical_mountpoint(&args.mountpoint)?;
     if !mounted_by_unionfs(&mountpoint) {
+        remove_stale_pid_file(&mountpoint);
         return Err(format!("'{}' is not a unionfs mount", mountpoint.display()));
     }
-    let pid = fs::read_to_string(pid_file_for(&mountpoint))
-        .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok())
-        .map(Pid::from_raw);
+    // Only a live daemon is waited for: a killed one's pid may belong to
+    // another process by now.
+    let daemon = PidRecord::read(&pid_file_for(&mountpoint)).filter(PidRecord::is_live);
     let flags = if args.lazy {
         MntFlags::MNT_DETACH
     } else {
@@ -438,33 +531,100 @@ pub fn umount(args: &UmountArgs) -> Result<(), String> {
             }
         )
     })?;
-    // A lazily detached mount stays alive while it is in use, and so does
-    // its daemon: waiting for it could take forever.
-    let Some(pid) = pid.filter(|_| !args.lazy) else {
+    let Some(daemon) = daemon else {
+        remove_stale_pid_file(&mountpoint);
         return Ok(());
     };
+    // A lazily detached mount stays alive while it is in use, and so does
+    // its daemon: waiting for it could take forever.
+    if args.lazy {
+        return Ok(());
+    }
     let deadline = Instant::now() + Duration::from_secs(args.timeout);
-    while kill(pid, None).is_ok() && still_running(pid) {
+    while daemon.is_live() {
         if Instant::now() >= deadline {
             return Err(format!(
-                "unmounted, but the daemon (pid {pid}) has not exited after {}s",
-                args.timeout
+                "unmounted, but the daemon (pid {}) has not exited after {}s",
+                daemon.pid, args.timeout
             ));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The daemon removes its own file, unless it was killed on the way.
+    remove_stale_pid_file(&mountpoint);
     Ok(())
 }
 
-fn still_running(pid: Pid) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // A zombie has exited; its parent just has not reaped it yet.
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-        Err(_) => false,
+/// The canonical path of a mountpoint. A FUSE mount whose daemon is gone
+/// fails every lookup; its parent's canonical path and its name still say
+/// where it is.
+fn canonical_mountpoint(path: &Path) -> Result<PathBuf, String> {
+    let error = match path.canonicalize() {
+        Ok(path) => return Ok(path),
+        Err(e) => e,
+    };
+    if is_dead_fuse_mount(&error)
+        && let Some(name) = path.file_name()
+    {
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        if let Ok(parent) = parent.canonicalize() {
+            return Ok(parent.join(name));
+        }
+    }
+    Err(format!("'{}': {error}", path.display()))
+}
+
+/// Whether an error is what a FUSE mount answers once its daemon is gone
+/// (ECONNABORTED after the kernel aborted the connection, ENOTCONN).
+pub fn is_dead_fuse_mount(error: &std::io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::ENOTCONN | libc::ECONNABORTED)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pid_records_tell_the_writer_from_a_reused_pid() {
+        let own = PidRecord::own();
+        assert!(own.start.is_some());
+        assert!(own.is_live());
+        let reused = PidRecord {
+            start: own.start.map(|s| s + 1),
+            ..own
+        };
+        assert!(!reused.is_live(), "same pid, other start time");
+        // Without a start time (earlier versions), the executable decides:
+        // this test binary is not unionfs.
+        assert!(!PidRecord { start: None, ..own }.is_live());
+    }
+
+    #[test]
+    fn pid_files_parse_in_both_formats() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.pid");
+        for (text, expected) in [
+            ("123 456\n", Some((123, Some(456)))),
+            ("123\n", Some((123, None))),
+            ("0\n", None),
+            ("junk\n", None),
+            ("", None),
+        ] {
+            fs::write(&path, text).unwrap();
+            let got = PidRecord::read(&path).map(|r| (r.pid, r.start));
+            assert_eq!(got, expected, "{text:?}");
+        }
+        let record = PidRecord {
+            pid: 7,
+            start: Some(9),
+        };
+        fs::write(&path, record.line()).unwrap();
+        assert_eq!(PidRecord::read(&path), Some(record));
     }
 }

@@ -608,11 +608,11 @@ fn lazy_umount_of_a_busy_mount_returns_at_once() {
     drop(m);
 }
 
-/// A foreground daemon the test started: killed by its PID if the test
-/// ends before it exits.
-struct Foreground(std::process::Child);
+/// A process the test started (a foreground daemon, a sleeper): killed by
+/// its PID if the test ends before it exits.
+struct Started(std::process::Child);
 
-impl Drop for Foreground {
+impl Drop for Started {
     fn drop(&mut self) {
         if self.0.try_wait().ok().flatten().is_none() {
             let _ = self.0.kill();
@@ -652,7 +652,7 @@ fn logs_carry_no_colour_codes_in_files_or_pipes() {
 
     // A foreground daemon logging into a pipe.
     let upper = l.s.mkdir("upper-2");
-    let mut daemon = Foreground(
+    let mut daemon = Started(
         Command::new(BIN)
             .args(["mount", "--foreground", "--debug", "--lower", p(&l.lower)])
             .args(["--upper", p(&upper), p(&l.mnt)])
@@ -679,4 +679,73 @@ fn logs_carry_no_colour_codes_in_files_or_pipes() {
         String::from_utf8_lossy(&logged)
     );
     assert_eq!(esc(&logged), 0, "{}", String::from_utf8_lossy(&logged));
+}
+
+fn sigkill(pid: i32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until(|| process_gone(pid));
+}
+
+#[test]
+fn umount_and_mount_after_the_daemon_was_killed() {
+    let l = layout();
+    let m = UnionMount::mount(&[&l.lower], Some(&l.upper), &l.mnt, &[]);
+    let pid_file = unionfs::daemon::pid_file_for(&m.mountpoint);
+    sigkill(m.daemon_pid().expect("daemon pid"));
+    assert!(pid_file.exists());
+    let dead = fs::metadata(&m.mountpoint).expect_err("a mount without its daemon");
+    assert!(unionfs::daemon::is_dead_fuse_mount(&dead), "{dead}");
+
+    // A new mount there says what is wrong and what to do.
+    let stderr = refused(
+        &["mount", "--lower", p(&l.lower), p(&l.mnt)],
+        &l.s.path("never-mounted"),
+        "unionfs umount",
+    );
+    assert!(stderr.contains(p(&m.mountpoint)), "{stderr}");
+
+    let out = run(Command::new(BIN).args(["umount", "--timeout", "5", p(&l.mnt)]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!is_mounted(&l.mnt));
+    assert!(!pid_file.exists(), "the dead daemon's pid file is left");
+
+    let m = UnionMount::mount(&[&l.lower], Some(&l.upper), &l.mnt, &[]);
+    assert_eq!(fs::read(m.path("file")).unwrap(), b"lower data");
+}
+
+#[test]
+fn umount_ignores_a_pid_file_naming_another_process() {
+    let l = layout();
+    // A process that may get a dead daemon's pid.
+    let other = Started(Command::new("sleep").arg("60").spawn().unwrap());
+    let other_pid = other.0.id() as i32;
+    // Pid files as this and as earlier versions write them.
+    for record in [format!("{other_pid} 1\n"), format!("{other_pid}\n")] {
+        let m = UnionMount::mount(&[&l.lower], Some(&l.upper), &l.mnt, &[]);
+        let pid_file = unionfs::daemon::pid_file_for(&m.mountpoint);
+        sigkill(m.daemon_pid().expect("daemon pid"));
+        fs::write(&pid_file, &record).unwrap();
+        assert!(m.daemon_pid().is_none(), "{record:?} names no daemon");
+
+        let started = Instant::now();
+        let out = run(Command::new(BIN).args(["umount", "--timeout", "5", p(&l.mnt)]));
+        let took = started.elapsed();
+        assert!(
+            out.status.success(),
+            "{record:?}: after {took:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(took < Duration::from_secs(2), "{record:?}: waited {took:?}");
+        assert!(!is_mounted(&l.mnt));
+        assert!(!pid_file.exists(), "{record:?}: the stale pid file is left");
+        assert!(!process_gone(other_pid), "the other process was touched");
+    }
 }

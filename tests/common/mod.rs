@@ -177,10 +177,9 @@ impl UnionMount {
         self.mountpoint.join(rel)
     }
 
-    /// The daemon serving this mount (from its pid file).
+    /// The live daemon serving this mount (from its pid file).
     pub fn daemon_pid(&self) -> Option<i32> {
-        let pid_file = unionfs::daemon::pid_file_for(&self.mountpoint);
-        fs::read_to_string(pid_file).ok()?.trim().parse().ok()
+        unionfs::daemon::daemon_pid(&self.mountpoint)
     }
 
     pub fn unmount(&mut self) {
