@@ -220,9 +220,13 @@ fn start_session(fs: UnionFs, mount: &ValidMount) -> Result<Session<UnionFs>, St
                 }
                 _ => " (mount as root, or set user_allow_other in /etc/fuse.conf)",
             };
+            // fusermount3 prints a line per option it drops before the
+            // one that says why it failed.
+            let text = e.to_string();
+            let reason = text.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
             format!(
                 "cannot mount on '{target}' without root, through fusermount3: {}{hint}",
-                e.to_string().trim()
+                reason.trim()
             )
         }),
     }

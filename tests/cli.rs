@@ -749,3 +749,40 @@ fn umount_ignores_a_pid_file_naming_another_process() {
         assert!(!process_gone(other_pid), "the other process was touched");
     }
 }
+
+#[test]
+fn detached_mount_without_root_says_so() {
+    // A user who may open /dev/fuse but not mount(2): the fusermount3 path.
+    // In a private namespace with a /dev/fuse of its own, open to all (the
+    // real one stays as it is).
+    let conf = fs::read_to_string("/etc/fuse.conf").unwrap_or_default();
+    if conf.lines().any(|l| l.trim() == "user_allow_other") {
+        eprintln!("skipped: user_allow_other would let fusermount3 mount");
+        return;
+    }
+    let l = layout();
+    let nobody_dir = l.s.mkdir("nobody");
+    let upper = l.s.mkdir("nobody/upper");
+    let mnt = l.s.mkdir("nobody/mnt");
+    chmod(l.s.dir.path(), 0o755);
+    for dir in [&nobody_dir, &upper, &mnt] {
+        std::os::unix::fs::chown(dir, Some(65534), Some(65534)).unwrap();
+    }
+    let script = format!(
+        "mount --make-rprivate / && mount -t tmpfs tmpfs /dev && \
+         mknod -m 666 /dev/fuse c 10 229 && mknod -m 666 /dev/null c 1 3 && \
+         exec setpriv --reuid=65534 --regid=65534 --clear-groups {BIN} mount --lower {} --upper {} {}",
+        p(&l.lower),
+        p(&upper),
+        p(&mnt)
+    );
+    let out = run(Command::new("unshare").args(["-m", "sh", "-c", &script]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "nobody could mount: {stderr}");
+    assert!(
+        stderr.contains("without root"),
+        "the real reason: {stderr:?}"
+    );
+    assert!(stderr.contains("mount as root"), "what to do: {stderr:?}");
+    assert_eq!(stderr.lines().count(), 1, "one clear message: {stderr:?}");
+}
