@@ -432,9 +432,9 @@ fn detached_mount_reports_an_unwritable_log_file() {
     assert!(stderr.contains(p(&log)), "names the log file: {stderr:?}");
 }
 
-#[test]
-fn detached_mount_reports_an_inaccessible_dev_fuse() {
-    // nobody cannot open /dev/fuse (0600 here); everything else is theirs.
+/// Layers and a mountpoint that user nobody may use, in a scratch
+/// directory others may enter.
+fn nobody_layout() -> (Layout, PathBuf, PathBuf) {
     let l = layout();
     let nobody_dir = l.s.mkdir("nobody");
     let upper = l.s.mkdir("nobody/upper");
@@ -443,35 +443,39 @@ fn detached_mount_reports_an_inaccessible_dev_fuse() {
     for dir in [&nobody_dir, &upper, &mnt] {
         std::os::unix::fs::chown(dir, Some(65534), Some(65534)).unwrap();
     }
-    let dev_fuse = fs::metadata("/dev/fuse").unwrap();
-    assert_eq!(
-        std::os::unix::fs::MetadataExt::mode(&dev_fuse) & 0o006,
-        0,
-        "this test needs a /dev/fuse that others cannot open"
+    (l, upper, mnt)
+}
+
+/// Runs `unionfs mount` as nobody in a private mount namespace whose /dev
+/// holds only a /dev/fuse of mode `fuse_mode` and /dev/null: the real
+/// /dev/fuse is left as it is, whatever its mode on this machine.
+fn mount_as_nobody(fuse_mode: &str, lower: &Path, upper: &Path, mnt: &Path) -> String {
+    let script = format!(
+        "mount --make-rprivate / && mount -t tmpfs tmpfs /dev && \
+         mknod -m {fuse_mode} /dev/fuse c 10 229 && mknod -m 666 /dev/null c 1 3 && \
+         exec setpriv --reuid=65534 --regid=65534 --clear-groups {BIN} mount --lower {} --upper {} {}",
+        p(lower),
+        p(upper),
+        p(mnt)
     );
-    let out = run(Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN])
-        .args([
-            "mount",
-            "--lower",
-            p(&l.lower),
-            "--upper",
-            p(&upper),
-            p(&mnt),
-        ]));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if out.status.success() {
-        let _cleanup = UnionMount::adopt(&mnt);
-        panic!("nobody could mount: {stderr}");
-    }
+    let out = run(Command::new("unshare").args(["-m", "sh", "-c", &script]));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "nobody could mount: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one clear message: {stderr:?}");
+    assert!(!stderr.contains("exited before"), "{stderr:?}");
+    assert!(!is_mounted(mnt));
+    stderr
+}
+
+#[test]
+fn detached_mount_reports_an_inaccessible_dev_fuse() {
+    let (l, upper, mnt) = nobody_layout();
+    let stderr = mount_as_nobody("600", &l.lower, &upper, &mnt);
     assert!(
         stderr.contains("/dev/fuse") && stderr.contains("Permission denied"),
         "the real reason: {stderr:?}"
     );
-    assert!(stderr.contains("root"), "what to do: {stderr:?}");
-    assert!(!stderr.contains("exited before"), "{stderr:?}");
-    assert_eq!(stderr.lines().count(), 1, "one clear message: {stderr:?}");
-    assert!(!is_mounted(&mnt));
+    assert!(stderr.contains("mount as root"), "what to do: {stderr:?}");
 }
 
 #[test]
@@ -752,37 +756,17 @@ fn umount_ignores_a_pid_file_naming_another_process() {
 
 #[test]
 fn detached_mount_without_root_says_so() {
-    // A user who may open /dev/fuse but not mount(2): the fusermount3 path.
-    // In a private namespace with a /dev/fuse of its own, open to all (the
-    // real one stays as it is).
+    // nobody may open this /dev/fuse but not mount(2): the fusermount3 path.
     let conf = fs::read_to_string("/etc/fuse.conf").unwrap_or_default();
     if conf.lines().any(|l| l.trim() == "user_allow_other") {
         eprintln!("skipped: user_allow_other would let fusermount3 mount");
         return;
     }
-    let l = layout();
-    let nobody_dir = l.s.mkdir("nobody");
-    let upper = l.s.mkdir("nobody/upper");
-    let mnt = l.s.mkdir("nobody/mnt");
-    chmod(l.s.dir.path(), 0o755);
-    for dir in [&nobody_dir, &upper, &mnt] {
-        std::os::unix::fs::chown(dir, Some(65534), Some(65534)).unwrap();
-    }
-    let script = format!(
-        "mount --make-rprivate / && mount -t tmpfs tmpfs /dev && \
-         mknod -m 666 /dev/fuse c 10 229 && mknod -m 666 /dev/null c 1 3 && \
-         exec setpriv --reuid=65534 --regid=65534 --clear-groups {BIN} mount --lower {} --upper {} {}",
-        p(&l.lower),
-        p(&upper),
-        p(&mnt)
-    );
-    let out = run(Command::new("unshare").args(["-m", "sh", "-c", &script]));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "nobody could mount: {stderr}");
+    let (l, upper, mnt) = nobody_layout();
+    let stderr = mount_as_nobody("666", &l.lower, &upper, &mnt);
     assert!(
         stderr.contains("without root"),
         "the real reason: {stderr:?}"
     );
     assert!(stderr.contains("mount as root"), "what to do: {stderr:?}");
-    assert_eq!(stderr.lines().count(), 1, "one clear message: {stderr:?}");
 }
