@@ -15,8 +15,12 @@ if [ -n "$need_apt" ]; then
 fi
 modprobe fuse 2>/dev/null || true
 modprobe overlay 2>/dev/null || true
-id tests >/dev/null 2>&1 || useradd --no-create-home --user-group tests
+# pjdfstest switches to user and group 'tests'. Either may exist without the
+# other (useradd --user-group refuses when the group is already there).
+getent group tests >/dev/null || groupadd tests
+id -u tests >/dev/null 2>&1 || useradd --no-create-home -g tests tests
 export PJDFSTEST=${PJDFSTEST:-$HOME/.cargo/bin/pjdfstest}
 [ -x "$PJDFSTEST" ] || cargo install --locked --quiet pjdfstest
 
-cargo test --locked "$@"
+# --no-fail-fast: one failing test binary must not hide the others' results.
+cargo test --locked --no-fail-fast "$@"

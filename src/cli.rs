@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{MountRequest, apply_options};
+use crate::config::{MountRequest, apply_options, parse_threads};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -53,7 +53,7 @@ pub struct MountArgs {
     #[arg(short = 'f', long)]
     pub foreground: bool,
     /// FUSE worker threads [default: one per CPU]
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = parse_threads)]
     pub threads: Option<usize>,
     /// Log at debug level (RUST_LOG overrides)
     #[arg(short = 'd', long)]
@@ -66,26 +66,28 @@ pub struct MountArgs {
 #[derive(Debug, Args)]
 pub struct UmountArgs {
     pub mountpoint: PathBuf,
-    /// Detach now even if busy; the daemon exits when the last user goes
+    /// Detach now even if busy and return; the daemon exits when the last
+    /// user goes
     #[arg(short = 'l', long)]
     pub lazy: bool,
-    /// Seconds to wait for the daemon to exit
+    /// Seconds to wait for the daemon to exit (not with --lazy)
     #[arg(long, default_value_t = 30)]
     pub timeout: u64,
 }
 
 impl MountArgs {
-    pub fn into_request(self) -> MountRequest {
+    pub fn into_request(self) -> Result<MountRequest, String> {
         let mut req = MountRequest::default();
         for opts in &self.options {
-            apply_options(&mut req, opts);
+            apply_options(&mut req, opts).map_err(|e| e.0)?;
         }
         if let Some(lower) = &self.lower {
             let mut from_flag = MountRequest::default();
             apply_options(
                 &mut from_flag,
                 &format!("lowerdir={}", lower.replace(',', "\\,")),
-            );
+            )
+            .map_err(|e| e.0)?;
             req.lowers = from_flag.lowers;
         }
         if self.upper.is_some() {
@@ -99,7 +101,7 @@ impl MountArgs {
         req.threads = self.threads.or(req.threads);
         req.debug |= self.debug;
         req.log_file = self.log_file;
-        req
+        Ok(req)
     }
 }
 
@@ -132,12 +134,12 @@ fn parse_helper_form(args: &[OsString]) -> Result<MountRequest, String> {
         match text.as_ref() {
             "-o" => {
                 let opts = iter.next().ok_or("-o needs an argument")?;
-                apply_options(&mut req, &opts.to_string_lossy());
+                apply_options(&mut req, &opts.to_string_lossy()).map_err(|e| e.0)?;
             }
             "-f" | "--foreground" => req.foreground = true,
             "-d" | "--debug" => req.debug = true,
             "-s" | "-n" | "-v" | "--" => {}
-            s if s.starts_with("-o") => apply_options(&mut req, &s[2..]),
+            s if s.starts_with("-o") => apply_options(&mut req, &s[2..]).map_err(|e| e.0)?,
             s if s.starts_with('-') => {
                 return Err(format!("unknown flag '{s}' (see unionfs --help)"));
             }
@@ -168,7 +170,11 @@ pub fn parse(args: Vec<OsString>) -> Result<Invocation, clap::Error> {
     }
     let cli = Cli::try_parse_from(args)?;
     Ok(match cli.command {
-        Command::Mount(m) => Invocation::Mount(m.into_request()),
+        Command::Mount(m) => {
+            Invocation::Mount(m.into_request().map_err(|msg| {
+                clap::Error::raw(clap::error::ErrorKind::InvalidValue, msg + "\n")
+            })?)
+        }
         Command::Umount(u) => Invocation::Umount(u),
     })
 }

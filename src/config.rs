@@ -3,11 +3,13 @@
 
 use std::fmt;
 use std::fs;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use tracing::warn;
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
 
 /// A mount as asked for on the command line, paths as given.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -22,6 +24,8 @@ pub struct MountRequest {
     pub threads: Option<usize>,
     pub debug: bool,
     pub log_file: Option<PathBuf>,
+    /// Options taken but ignored, one message each, for the caller's stderr.
+    pub warnings: Vec<String>,
 }
 
 /// The `-o` options that mean something to unionfs.
@@ -55,7 +59,8 @@ impl Default for MountOptions {
 }
 
 /// Options accepted for compatibility (mount(8), fstab, fuse-overlayfs,
-/// kernel overlayfs) that change nothing here.
+/// kernel overlayfs, containers/storage) that change nothing here, or
+/// describe what unionfs does anyway.
 const ACCEPTED_NOOPS: &[&str] = &[
     "rw",
     "dev",
@@ -82,11 +87,6 @@ const ACCEPTED_NOOPS: &[&str] = &[
     "userxattr",
     "nofail",
     "_netdev",
-    "squash_to_root",
-    "squash_to_uid",
-    "squash_to_gid",
-    "static_nlink",
-    "noacl",
     "fast_ino",
     "plugins",
     "fsync",
@@ -104,21 +104,58 @@ const ACCEPTED_NOOPS: &[&str] = &[
     "fscontext",
     "defcontext",
     "rootcontext",
-    "uidmapping",
-    "gidmapping",
     "max_idle_threads",
 ];
 
-/// Parses one `-o` argument into the request. Empty and meaningless options
-/// are accepted; unknown ones are logged and ignored, never fatal.
-pub fn apply_options(req: &mut MountRequest, arg: &str) {
-    for opt in split_unescaped(arg, ',') {
+/// fuse-overlayfs options that change what the merged view shows there;
+/// unionfs does not implement them, and says so.
+const IGNORED_WITH_WARNING: &[&str] = &[
+    "uidmapping",
+    "gidmapping",
+    "squash_to_root",
+    "squash_to_uid",
+    "squash_to_gid",
+    "static_nlink",
+    "noacl",
+];
+
+/// Options that take a value.
+const VALUED: &[&str] = &["lowerdir", "upperdir", "workdir", "fsname", "threads"];
+
+/// Options that are flags.
+const FLAGS: &[&str] = &[
+    "ro",
+    "rw",
+    "volatile",
+    "nopassthrough",
+    "nodev",
+    "nosuid",
+    "noexec",
+    "debug",
+];
+
+/// A worker thread count, from `--threads` or `-o threads=`.
+pub fn parse_threads(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(0) => Err("the thread count must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("'{value}' is not a thread count")),
+    }
+}
+
+/// Parses one `-o` argument into the request. Empty options and options
+/// with no meaning here are accepted; unknown or unimplemented ones are
+/// accepted with a warning in `req.warnings` (podman and fstab pass options
+/// meant for other filesystems); a malformed value of an option unionfs
+/// uses is refused.
+pub fn apply_options(req: &mut MountRequest, arg: &str) -> Result<(), ConfigError> {
+    for opt in split_options(arg) {
         let (key, value) = match opt.split_once('=') {
             Some((k, v)) => (k, Some(v)),
             None => (opt.as_str(), None),
         };
         match (key, value) {
-            ("", _) => {}
+            ("", None) => {}
             ("lowerdir", Some(v)) => {
                 req.lowers = split_unescaped(v, ':')
                     .into_iter()
@@ -126,8 +163,15 @@ pub fn apply_options(req: &mut MountRequest, arg: &str) {
                     .map(PathBuf::from)
                     .collect()
             }
-            ("upperdir", Some(v)) => req.upper = Some(PathBuf::from(v)),
-            ("workdir", Some(v)) => req.work = Some(PathBuf::from(v)),
+            ("upperdir", Some(v)) if !v.is_empty() => req.upper = Some(PathBuf::from(v)),
+            ("workdir", Some(v)) if !v.is_empty() => req.work = Some(PathBuf::from(v)),
+            ("fsname", Some(v)) if !v.is_empty() => req.options.fsname = Some(v.to_string()),
+            ("threads", Some(v)) => {
+                req.threads = Some(
+                    parse_threads(v)
+                        .or_else(|e| refuse(format!("bad mount option '{opt}': {e}")))?,
+                )
+            }
             ("ro", None) => req.options.read_only = true,
             ("rw", None) => req.options.read_only = false,
             ("volatile", None) => req.options.volatile = true,
@@ -136,6 +180,11 @@ pub fn apply_options(req: &mut MountRequest, arg: &str) {
                 req.options.passthrough = true;
                 req.options.lower_passthrough = true;
             }
+            ("passthrough", Some(_)) => {
+                return refuse(format!(
+                    "bad mount option '{opt}': passthrough takes no value or 'all'"
+                ));
+            }
             ("nopassthrough", None) => {
                 req.options.passthrough = false;
                 req.options.lower_passthrough = false;
@@ -143,16 +192,50 @@ pub fn apply_options(req: &mut MountRequest, arg: &str) {
             ("nodev", None) => req.options.nodev = true,
             ("nosuid", None) => req.options.nosuid = true,
             ("noexec", None) => req.options.noexec = true,
-            ("fsname", Some(v)) => req.options.fsname = Some(v.to_string()),
-            ("threads", Some(v)) => match v.parse() {
-                Ok(n) if n > 0 => req.threads = Some(n),
-                _ => warn!(option = %opt, "ignoring bad thread count"),
-            },
             ("debug", None) => req.debug = true,
+            (k, _) if VALUED.contains(&k) => {
+                return refuse(format!("bad mount option '{opt}': {k} needs a value"));
+            }
+            (k, Some(_)) if FLAGS.contains(&k) => {
+                return refuse(format!("bad mount option '{opt}': {k} takes no value"));
+            }
             (k, _) if ACCEPTED_NOOPS.contains(&k) || k.starts_with("x-") => {}
-            _ => warn!(option = %opt, "ignoring unknown mount option"),
+            (k, _) if IGNORED_WITH_WARNING.contains(&k) => req.warnings.push(format!(
+                "ignoring mount option '{opt}': unionfs does not implement {k}"
+            )),
+            _ => req
+                .warnings
+                .push(format!("ignoring unknown mount option '{opt}'")),
         }
     }
+    Ok(())
+}
+
+/// Splits a comma-separated option list. A comma inside double quotes
+/// belongs to the value, as the kernel reads it: SELinux labels carry
+/// commas (`context="system_u:object_r:container_file_t:s0:c1,c2"`, as
+/// podman passes it).
+fn split_options(arg: &str) -> Vec<String> {
+    let mut protected = String::with_capacity(arg.len());
+    let mut quoted = false;
+    let mut chars = arg.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                protected.push(c);
+                if let Some(next) = chars.next() {
+                    protected.push(next);
+                }
+            }
+            '"' => {
+                quoted = !quoted;
+                protected.push(c);
+            }
+            ',' if quoted => protected.push_str("\\,"),
+            c => protected.push(c),
+        }
+    }
+    split_unescaped(&protected, ',')
 }
 
 /// Splits on `sep` except where it is escaped with a backslash.
@@ -205,6 +288,7 @@ pub struct ValidMount {
     pub threads: usize,
     pub debug: bool,
     pub log_file: Option<PathBuf>,
+    pub warnings: Vec<String>,
 }
 
 impl ValidMount {
@@ -219,10 +303,23 @@ fn existing_dir(role: &str, path: &Path) -> Result<PathBuf, ConfigError> {
         Ok(p) => p,
         Err(e) => return refuse(format!("{role} '{}': {e}", path.display())),
     };
-    if !canonical.is_dir() {
-        return refuse(format!("{role} '{}' is not a directory", path.display()));
+    match fs::metadata(&canonical) {
+        Ok(meta) if meta.is_dir() => Ok(canonical),
+        Ok(_) => refuse(format!("{role} '{}' is not a directory", path.display())),
+        Err(e) if crate::daemon::is_dead_fuse_mount(&e) => {
+            let how = if mounted_by_unionfs(&canonical) {
+                "unionfs umount"
+            } else {
+                "umount"
+            };
+            refuse(format!(
+                "{role} '{}' is a FUSE mount whose daemon is gone; unmount it first: {how} '{}'",
+                path.display(),
+                canonical.display()
+            ))
+        }
+        Err(e) => refuse(format!("{role} '{}': {e}", path.display())),
     }
-    Ok(canonical)
 }
 
 /// Whether `inner` is `outer` or lies below it.
@@ -332,6 +429,7 @@ pub fn validate(req: &MountRequest) -> Result<ValidMount, ConfigError> {
         threads,
         debug: req.debug,
         log_file: req.log_file.clone(),
+        warnings: req.warnings.clone(),
     })
 }
 
@@ -440,47 +538,46 @@ fn prepare_work_dir(
 
 fn check_fuse_device() -> Result<(), ConfigError> {
     match fs::metadata("/dev/fuse") {
-        Ok(m) if m.file_type().is_char_device() => Ok(()),
-        Ok(_) => refuse("/dev/fuse is not a character device".into()),
-        Err(e) => refuse(format!(
-            "/dev/fuse: {e} (load the fuse module or pass --device /dev/fuse to the container)"
-        )),
+        Ok(m) if m.file_type().is_char_device() => {}
+        Ok(_) => return refuse("/dev/fuse is not a character device".into()),
+        Err(e) => {
+            return refuse(format!(
+                "/dev/fuse: {e} (load the fuse module or pass --device /dev/fuse to the container)"
+            ));
+        }
     }
+    // The daemon opens it after detaching; found out here, the caller hears
+    // why instead of only that the daemon died.
+    open_fuse_device().map(drop).map_err(ConfigError)
 }
 
-/// Decodes the octal escapes mountinfo uses for spaces and the like.
-fn unescape_mountinfo(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 3 < bytes.len()
-            && let Ok(v) = u8::from_str_radix(&field[i + 1..i + 4], 8)
-        {
-            out.push(v);
-            i += 4;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// Opens the FUSE device, or says why not and what to do about it.
+pub fn open_fuse_device() -> Result<OwnedFd, String> {
+    nix::fcntl::open(
+        "/dev/fuse",
+        OFlag::O_RDWR | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| {
+        let hint = match e {
+            Errno::EACCES | Errno::EPERM => {
+                " (mount as root, or give this user read and write access to /dev/fuse)"
+            }
+            Errno::ENOENT | Errno::ENODEV | Errno::ENXIO => {
+                " (load the fuse module or pass --device /dev/fuse to the container)"
+            }
+            _ => "",
+        };
+        format!("cannot open /dev/fuse: {}{hint}", e.desc())
+    })
 }
 
 /// Whether `mountpoint` (canonical) carries a unionfs mount now.
 pub fn mounted_by_unionfs(mountpoint: &Path) -> bool {
-    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    info.lines().any(|line| {
-        let mut halves = line.splitn(2, " - ");
-        let (Some(left), Some(right)) = (halves.next(), halves.next()) else {
-            return false;
-        };
-        let target = left.split(' ').nth(4).map(unescape_mountinfo);
-        let fstype = right.split(' ').next();
-        target.as_deref() == mountpoint.to_str() && fstype == Some("fuse.unionfs")
+    crate::mountinfo::read().is_ok_and(|mounts| {
+        mounts
+            .iter()
+            .any(|m| m.mount_point == mountpoint && m.fs_type == "fuse.unionfs")
     })
 }
 
@@ -493,8 +590,9 @@ mod tests {
         let mut req = MountRequest::default();
         apply_options(
             &mut req,
-            "lowerdir=/l/a:/l/b,upperdir=/u,workdir=/w,,volatile,context=\"system_u:object_r\",bogus=1",
-        );
+            "lowerdir=/l/a:/l/b,upperdir=/u,workdir=/w,,volatile,context=\"system_u:object_r:container_file_t:s0:c1,c2\",bogus=1",
+        )
+        .unwrap();
         assert_eq!(
             req.lowers,
             vec![PathBuf::from("/l/a"), PathBuf::from("/l/b")]
@@ -503,12 +601,52 @@ mod tests {
         assert_eq!(req.work, Some(PathBuf::from("/w")));
         assert!(req.options.volatile);
         assert!(!req.options.read_only);
+        // The comma inside the quoted SELinux label is not a separator.
+        assert_eq!(req.warnings, ["ignoring unknown mount option 'bogus=1'"]);
+    }
+
+    #[test]
+    fn malformed_values_are_refused() {
+        for bad in [
+            "threads=0",
+            "threads=x",
+            "threads=",
+            "threads",
+            "lowerdir",
+            "upperdir=",
+            "workdir",
+            "passthrough=most",
+            "volatile=1",
+            "ro=yes",
+        ] {
+            let mut req = MountRequest::default();
+            let err = apply_options(&mut req, bad).expect_err(bad);
+            assert!(err.0.contains(bad), "{bad}: {err}");
+        }
+        let mut req = MountRequest::default();
+        apply_options(
+            &mut req,
+            "threads=3,passthrough=all,ro,,x-systemd.automount",
+        )
+        .unwrap();
+        assert_eq!(req.threads, Some(3));
+        assert!(req.options.lower_passthrough && req.options.read_only);
+        assert!(req.warnings.is_empty(), "{:?}", req.warnings);
+    }
+
+    #[test]
+    fn unimplemented_options_warn() {
+        let mut req = MountRequest::default();
+        apply_options(&mut req, "squash_to_root,noatime,uidmapping=0:1:1,frob").unwrap();
+        assert_eq!(req.warnings.len(), 3, "{:?}", req.warnings);
+        assert!(req.warnings[0].contains("squash_to_root"));
+        assert!(req.warnings[2].contains("'frob'"));
     }
 
     #[test]
     fn escaped_separators_stay_in_paths() {
         let mut req = MountRequest::default();
-        apply_options(&mut req, r"lowerdir=/a\:b:/c\,d,ro");
+        apply_options(&mut req, r"lowerdir=/a\:b:/c\,d,ro").unwrap();
         assert_eq!(
             req.lowers,
             vec![PathBuf::from("/a:b"), PathBuf::from("/c,d")]
@@ -522,10 +660,5 @@ mod tests {
             default_work_dir(Path::new("/var/c1/upper")),
             PathBuf::from("/var/c1/.upper.unionfs-work")
         );
-    }
-
-    #[test]
-    fn mountinfo_escapes_decode() {
-        assert_eq!(unescape_mountinfo(r"/mnt/a\040b"), "/mnt/a b");
     }
 }

@@ -5,12 +5,14 @@
 //! * [`fuse`]: the thin adapter from fuser requests to the core.
 //! * [`cli`], [`config`], [`daemon`], [`readahead`]: the command line, mount
 //!   validation, the daemon's life cycle and its mount's readahead.
+//! * [`mountinfo`]: the parser of /proc/self/mountinfo (tests use it too).
 //! * [`sys`]: the raw syscalls; the only module with `unsafe`.
 
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod fuse;
+pub mod mountinfo;
 pub mod overlay;
 pub mod readahead;
 pub mod sys;

@@ -16,9 +16,16 @@ fn main() -> ExitCode {
         }
     };
     let result = match invocation {
-        Invocation::Mount(request) => config::validate(&request)
-            .map_err(|e| e.to_string())
-            .and_then(daemon::mount),
+        Invocation::Mount(request) => {
+            // Before anything can fail, and not only in a log the caller
+            // may never read.
+            for warning in &request.warnings {
+                eprintln!("unionfs: warning: {warning}");
+            }
+            config::validate(&request)
+                .map_err(|e| e.to_string())
+                .and_then(daemon::mount)
+        }
         Invocation::Umount(args) => daemon::umount(&args),
     };
     match result {

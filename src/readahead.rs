@@ -33,33 +33,8 @@ pub fn match_layers(mountpoint: &Path, layers: &[PathBuf], floor_kb: u64) {
 /// The newest mount at `mountpoint`, as (major, minor), from mountinfo,
 /// which does not go through the mount itself (the daemon may not be
 /// serving yet).
-fn mount_device(mountpoint: &Path) -> Option<(u64, u64)> {
-    let wanted = escape_mountinfo(&mountpoint.to_string_lossy());
-    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines()
-        .filter_map(|line| {
-            let mut fields = line.split(' ');
-            let dev = fields.nth(2)?;
-            let point = fields.nth(1)?;
-            (point == wanted).then_some(dev)
-        })
-        .next_back()
-        .and_then(|dev| {
-            let (major, minor) = dev.split_once(':')?;
-            Some((major.parse().ok()?, minor.parse().ok()?))
-        })
-}
-
-/// mountinfo writes space, tab, newline and backslash as octal escapes.
-fn escape_mountinfo(path: &str) -> String {
-    let mut out = String::with_capacity(path.len());
-    for c in path.chars() {
-        match c {
-            ' ' | '\t' | '\n' | '\\' => out.push_str(&format!("\\{:03o}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out
+fn mount_device(mountpoint: &Path) -> Option<(u32, u32)> {
+    crate::mountinfo::mount_at(mountpoint).map(|m| (m.major, m.minor))
 }
 
 /// The readahead of the device behind `dev`: its own bdi, or for a
@@ -78,12 +53,6 @@ fn device_readahead_kb(dev: u64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mountinfo_escapes() {
-        assert_eq!(escape_mountinfo("/a b\\c"), "/a\\040b\\134c");
-        assert_eq!(escape_mountinfo("/plain"), "/plain");
-    }
 
     #[test]
     fn finds_the_root_mount() {

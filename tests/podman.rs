@@ -127,15 +127,9 @@ impl Drop for Podman {
         let _ = run(self.cmd().args(["system", "reset", "-f"]));
         // Whatever podman left mounted under its root goes too.
         for root in [self.root.clone(), self.runroot.path().to_path_buf()] {
-            let root = root.to_string_lossy().into_owned();
-            if let Ok(mounts) = fs::read_to_string("/proc/self/mountinfo") {
-                for target in mounts
-                    .lines()
-                    .filter_map(|l| l.split(' ').nth(4))
-                    .filter(|t| t.starts_with(&root))
-                {
-                    let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
-                }
+            let mounts = unionfs::mountinfo::read().unwrap_or_default();
+            for m in mounts.iter().filter(|m| m.mount_point.starts_with(&root)) {
+                let _ = nix::mount::umount2(&m.mount_point, nix::mount::MntFlags::MNT_DETACH);
             }
         }
     }

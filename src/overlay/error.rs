@@ -43,6 +43,11 @@ impl Error {
         self.errno
     }
 
+    /// What failed: the syscall, or the overlay's own reason.
+    pub fn op(&self) -> &'static str {
+        self.op
+    }
+
     pub fn raw_errno(&self) -> i32 {
         self.errno as i32
     }

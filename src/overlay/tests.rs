@@ -218,3 +218,26 @@ fn names_are_checked() {
         Errno::ENAMETOOLONG
     );
 }
+
+#[test]
+fn work_dir_serves_one_mount_at_a_time() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("work");
+    fs::create_dir(&root).unwrap();
+    let first = workdir::WorkDir::prepare(&root).unwrap();
+    // Something the first owner is building.
+    let building = root.join("work").join(first.temp_name());
+    fs::write(&building, b"copy-up in flight").unwrap();
+
+    let second = workdir::WorkDir::prepare(&root).expect_err("a second owner was let in");
+    assert_eq!(second.errno(), Errno::EBUSY);
+    assert!(
+        second.to_string().contains(root.to_str().unwrap()),
+        "{second}"
+    );
+    assert!(building.exists(), "the refused owner removed a live object");
+
+    drop(first);
+    let _again = workdir::WorkDir::prepare(&root).expect("the work dir is free again");
+    assert!(!building.exists(), "leftovers go once the owner is gone");
+}

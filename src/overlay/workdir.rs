@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::errno::Errno;
-use nix::fcntl::OFlag;
+use nix::fcntl::{Flock, FlockArg, OFlag};
 use nix::sys::stat::{Mode, mkdirat};
 use nix::unistd::{UnlinkatFlags, unlinkat};
 
@@ -23,23 +23,39 @@ const TEMP_DIR: &str = "work";
 pub struct WorkDir {
     dir: OwnedFd,
     counter: AtomicU64,
+    /// An exclusive flock on the work root, held for the life of the mount:
+    /// a second mount of the same work dir would take the first one's
+    /// objects in flight for crash leftovers and delete them.
+    _lock: Flock<OwnedFd>,
 }
 
+/// `Error::op` of a refusal because another mount holds the work dir.
+pub const IN_USE: &str = "work dir in use by another mount";
+
 impl WorkDir {
-    /// Opens (creating if needed) `<root>/work` and empties it.
+    /// Locks `root`, opens (creating if needed) `<root>/work` and empties
+    /// it. EBUSY while another `WorkDir` holds `root`.
     pub fn prepare(root: &Path) -> Result<WorkDir> {
+        // Not O_PATH: flock needs a descriptor opened for reading.
         let root_fd = nix::fcntl::open(
             root,
-            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
             Mode::empty(),
         )
         .map_err(|e| Error::new(e, "open work dir").with_path(root))?;
-        match mkdirat(&root_fd, TEMP_DIR, Mode::from_bits_truncate(0o700)) {
+        let lock = match Flock::lock(root_fd, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => lock,
+            Err((_, Errno::EWOULDBLOCK)) => {
+                return Err(Error::new(Errno::EBUSY, IN_USE).with_path(root));
+            }
+            Err((_, e)) => return Err(Error::new(e, "lock work dir").with_path(root)),
+        };
+        match mkdirat(&*lock, TEMP_DIR, Mode::from_bits_truncate(0o700)) {
             Ok(()) | Err(Errno::EEXIST) => {}
             Err(e) => return Err(Error::new(e, "mkdir work dir").with_path(root)),
         }
         let dir = open_beneath(
-            root_fd.as_fd(),
+            lock.as_fd(),
             OsStr::new(TEMP_DIR),
             OFlag::O_PATH | OFlag::O_DIRECTORY,
         )
@@ -47,6 +63,7 @@ impl WorkDir {
         let work = WorkDir {
             dir,
             counter: AtomicU64::new(0),
+            _lock: lock,
         };
         let leftovers = list_names(work.fd()).map_err(|e| e.with_path(root))?;
         if !leftovers.is_empty() {

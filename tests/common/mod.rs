@@ -70,12 +70,7 @@ pub fn sh(cmd: &mut Command) -> Output {
 }
 
 pub fn fs_type_at(path: &Path) -> Option<String> {
-    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let path = path.to_str()?;
-    info.lines().rev().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        (left.split(' ').nth(4)? == path).then(|| right.split(' ').next().unwrap().to_string())
-    })
+    unionfs::mountinfo::mount_at(path).map(|m| m.fs_type)
 }
 
 pub fn is_mounted(path: &Path) -> bool {
@@ -171,18 +166,20 @@ impl UnionMount {
     /// Takes charge of a mount started some other way.
     pub fn adopt(mountpoint: &Path) -> UnionMount {
         let mountpoint = mountpoint.canonicalize().unwrap();
-        wait_until(|| fs_type_at(&mountpoint).as_deref() == Some("fuse.unionfs"));
-        UnionMount { mountpoint }
+        // The guard exists before the wait, so a mount that never shows up
+        // as expected is still unmounted when the wait panics.
+        let guard = UnionMount { mountpoint };
+        wait_until(|| fs_type_at(&guard.mountpoint).as_deref() == Some("fuse.unionfs"));
+        guard
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
         self.mountpoint.join(rel)
     }
 
-    /// The daemon serving this mount (from its pid file).
+    /// The live daemon serving this mount (from its pid file).
     pub fn daemon_pid(&self) -> Option<i32> {
-        let pid_file = unionfs::daemon::pid_file_for(&self.mountpoint);
-        fs::read_to_string(pid_file).ok()?.trim().parse().ok()
+        unionfs::daemon::daemon_pid(&self.mountpoint)
     }
 
     pub fn unmount(&mut self) {
@@ -298,6 +295,14 @@ pub fn on_kernel_then_unionfs<T>(
     let got = ops(&m.mountpoint);
     drop(m);
     (expected, got)
+}
+
+/// Whether process `pid` has exited (a zombie has; its parent just has not
+/// reaped it).
+pub fn process_gone(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|st| st.rsplit(')').next().unwrap().trim_start().starts_with('Z'))
+        .unwrap_or(true)
 }
 
 pub fn wait_until(mut cond: impl FnMut() -> bool) {
