@@ -383,7 +383,31 @@ impl Filesystem for UnionFs {
                 Ok(found) => found,
                 // Gone since the snapshot: skip it rather than fail the batch.
                 Err(e) if e.errno() == nix::errno::Errno::ENOENT => continue,
-                Err(e) => return reply.error(errno("readdirplus", e)),
+                Err(e) => {
+                    // A name whose lookup fails (a directory with a bad
+                    // redirect) is listed, as kernel overlayfs lists it,
+                    // and only its lookup fails. Node id 0 would say "no
+                    // attributes" but fuser also sends it as d_ino, which
+                    // readdir(3) skips. Instead the attributes are ones the
+                    // kernel refuses (a size past i64::MAX): it emits the
+                    // entry, makes no inode, and sends FORGET for the
+                    // number, which no node has or will have.
+                    errno("readdirplus", e);
+                    let id = self.core.fresh_id();
+                    let mut attr = convert::placeholder_attr(id, entry.kind);
+                    attr.size = u64::MAX;
+                    if reply.add(
+                        INodeNo(id),
+                        next,
+                        &entry.name,
+                        &Duration::ZERO,
+                        &attr,
+                        Generation(0),
+                    ) {
+                        break;
+                    }
+                    continue;
+                }
             };
             let ttl = self.ttl(node.state().layer);
             if reply.add(

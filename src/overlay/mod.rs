@@ -214,6 +214,11 @@ impl Overlay {
         self.nodes.len()
     }
 
+    /// A number no node has, nor will have.
+    pub fn fresh_id(&self) -> u64 {
+        self.inos.unique()
+    }
+
     pub fn node(&self, id: u64) -> Result<Arc<Node>> {
         self.nodes
             .get(&id)

@@ -726,7 +726,7 @@ impl Overlay {
     fn current_redirect(&self, node: &Arc<Node>) -> Result<Option<std::ffi::OsString>> {
         let stack = node.dir_stack()?;
         if !self.is_upper(stack.top().layer) {
-            return Ok(stack.top().marks.redirect.clone());
+            return Ok(stack.top().marks.redirect.as_ref().and_then(|r| r.value()));
         }
         for name in [marker::TRUSTED_REDIRECT, marker::USER_REDIRECT] {
             let value = sys::get_xattr(XattrTarget::Fd(stack.top().fd()), name)
