@@ -2,6 +2,7 @@
 //! operations on the merged tree. It knows nothing of FUSE; the adapter in
 //! `crate::fuse` maps requests onto it.
 
+pub mod acl;
 pub mod attr;
 pub mod copyup;
 pub mod error;
