@@ -176,6 +176,10 @@ impl Filesystem for UnionFs {
             // every write; with this it asks once per inode and leaves
             // dropping set-id bits to us (see `setid_dropped_for`).
             InitFlags::FUSE_HANDLE_KILLPRIV_V2,
+            // The kernel would apply the caller's umask even in a directory
+            // with a default ACL, which POSIX says overrides it; the umask
+            // comes with the request instead and `create` decides.
+            InitFlags::FUSE_DONT_MASK,
         ];
         for flag in wanted {
             if config.add_capabilities(flag).is_err() {
@@ -552,7 +556,7 @@ impl Filesystem for UnionFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         rdev: u32,
         reply: ReplyEntry,
     ) {
@@ -560,7 +564,9 @@ impl Filesystem for UnionFs {
             mode,
             rdev: convert::decode_dev(rdev),
         };
-        let result = self.core.create(parent.0, name, object, caller(req));
+        let result = self
+            .core
+            .create(parent.0, name, object, creator(req, umask));
         self.entry_reply(reply, result, "mknod");
     }
 
@@ -570,12 +576,13 @@ impl Filesystem for UnionFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
+        let object = NewObject::Dir { mode };
         let result = self
             .core
-            .create(parent.0, name, NewObject::Dir { mode }, caller(req));
+            .create(parent.0, name, object, creator(req, umask));
         self.entry_reply(reply, result, "mkdir");
     }
 
@@ -649,12 +656,15 @@ impl Filesystem for UnionFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
         let object = NewObject::File { mode, flags };
-        let (node, attr, handle) = match self.core.create(parent.0, name, object, caller(req)) {
+        let created = self
+            .core
+            .create(parent.0, name, object, creator(req, umask));
+        let (node, attr, handle) = match created {
             Ok(Created {
                 node,
                 attr,
@@ -809,5 +819,14 @@ fn caller(req: &Request) -> Caller {
         uid: req.uid(),
         gid: req.gid(),
         pid: req.pid(),
+        umask: 0,
+    }
+}
+
+/// The caller of a request that creates an object with a mode.
+fn creator(req: &Request, umask: u32) -> Caller {
+    Caller {
+        umask,
+        ..caller(req)
     }
 }
