@@ -290,8 +290,8 @@ fn raise_fd_limit() {
 
 fn serve(mount: &ValidMount, ready: &mut ReadyPipe) -> Result<(), String> {
     raise_fd_limit();
-    // Modes arrive from the kernel with the caller's umask applied already;
-    // the daemon's own must not take more bits away.
+    // The caller's umask is applied per request (or not, under a default
+    // ACL: overlay::acl); the daemon's own must not take more bits away.
     nix::sys::stat::umask(nix::sys::stat::Mode::empty());
     // Block the termination signals before any thread starts, so that only
     // the signal thread below receives them.

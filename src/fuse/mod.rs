@@ -176,6 +176,10 @@ impl Filesystem for UnionFs {
             // every write; with this it asks once per inode and leaves
             // dropping set-id bits to us (see `setid_dropped_for`).
             InitFlags::FUSE_HANDLE_KILLPRIV_V2,
+            // The kernel would apply the caller's umask even in a directory
+            // with a default ACL, which POSIX says overrides it; the umask
+            // comes with the request instead and `create` decides.
+            InitFlags::FUSE_DONT_MASK,
         ];
         for flag in wanted {
             if config.add_capabilities(flag).is_err() {
@@ -383,7 +387,31 @@ impl Filesystem for UnionFs {
                 Ok(found) => found,
                 // Gone since the snapshot: skip it rather than fail the batch.
                 Err(e) if e.errno() == nix::errno::Errno::ENOENT => continue,
-                Err(e) => return reply.error(errno("readdirplus", e)),
+                Err(e) => {
+                    // A name whose lookup fails (a directory with a bad
+                    // redirect) is listed, as kernel overlayfs lists it,
+                    // and only its lookup fails. Node id 0 would say "no
+                    // attributes" but fuser also sends it as d_ino, which
+                    // readdir(3) skips. Instead the attributes are ones the
+                    // kernel refuses (a size past i64::MAX): it emits the
+                    // entry, makes no inode, and sends FORGET for the
+                    // number, which no node has or will have.
+                    errno("readdirplus", e);
+                    let id = self.core.fresh_id();
+                    let mut attr = convert::placeholder_attr(id, entry.kind);
+                    attr.size = u64::MAX;
+                    if reply.add(
+                        INodeNo(id),
+                        next,
+                        &entry.name,
+                        &Duration::ZERO,
+                        &attr,
+                        Generation(0),
+                    ) {
+                        break;
+                    }
+                    continue;
+                }
             };
             let ttl = self.ttl(node.state().layer);
             if reply.add(
@@ -528,7 +556,7 @@ impl Filesystem for UnionFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         rdev: u32,
         reply: ReplyEntry,
     ) {
@@ -536,7 +564,9 @@ impl Filesystem for UnionFs {
             mode,
             rdev: convert::decode_dev(rdev),
         };
-        let result = self.core.create(parent.0, name, object, caller(req));
+        let result = self
+            .core
+            .create(parent.0, name, object, creator(req, umask));
         self.entry_reply(reply, result, "mknod");
     }
 
@@ -546,12 +576,13 @@ impl Filesystem for UnionFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
+        let object = NewObject::Dir { mode };
         let result = self
             .core
-            .create(parent.0, name, NewObject::Dir { mode }, caller(req));
+            .create(parent.0, name, object, creator(req, umask));
         self.entry_reply(reply, result, "mkdir");
     }
 
@@ -625,12 +656,15 @@ impl Filesystem for UnionFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
         let object = NewObject::File { mode, flags };
-        let (node, attr, handle) = match self.core.create(parent.0, name, object, caller(req)) {
+        let created = self
+            .core
+            .create(parent.0, name, object, creator(req, umask));
+        let (node, attr, handle) = match created {
             Ok(Created {
                 node,
                 attr,
@@ -785,5 +819,14 @@ fn caller(req: &Request) -> Caller {
         uid: req.uid(),
         gid: req.gid(),
         pid: req.pid(),
+        umask: 0,
+    }
+}
+
+/// The caller of a request that creates an object with a mode.
+fn creator(req: &Request, umask: u32) -> Caller {
+    Caller {
+        umask,
+        ..caller(req)
     }
 }

@@ -10,7 +10,7 @@
 //!   layers below, `.wh..wh..opq` makes its directory opaque, and every other
 //!   `.wh..wh.*` entry is AUFS metadata that never shows.
 
-use std::ffi::{CStr, OsStr};
+use std::ffi::{CStr, OsStr, OsString};
 use std::os::fd::BorrowedFd;
 use std::os::unix::ffi::OsStrExt;
 
@@ -77,9 +77,69 @@ pub struct DirMarks {
     pub opaque: bool,
     /// Zero-size files with a whiteout xattr are whiteouts here.
     pub xwhiteouts: bool,
-    /// Where the layers below keep this directory (`redirect_dir`): a name
-    /// in the same parent, or a path from the root when it starts with `/`.
-    pub redirect: Option<std::ffi::OsString>,
+    /// Where the layers below keep this directory (`redirect_dir`).
+    pub redirect: Option<Redirect>,
+}
+
+/// A directory's `redirect_dir` xattr, checked as kernel overlayfs checks
+/// one when it reads it. Its names are checked only when a lookup uses them
+/// (see `resolve::redirect_name`), again as the kernel does: a redirect that
+/// is never followed never fails.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Redirect {
+    /// The layers below keep the directory under this name, in their copies
+    /// of its parent.
+    Name(OsString),
+    /// They keep it at this path from their roots: its components, in order.
+    Path(Vec<OsString>),
+    /// Not a redirect kernel overlayfs accepts (an empty value, a relative
+    /// one with a `/`, an absolute one with an empty component): following
+    /// it fails the lookup with EINVAL.
+    Malformed(OsString),
+}
+
+impl Redirect {
+    pub fn parse(value: &[u8]) -> Redirect {
+        if value.is_empty() {
+            return Redirect::Malformed(OsString::new());
+        }
+        // The kernel reads the value as a C string: it ends at a NUL.
+        let text = value.split(|b| *b == 0).next().unwrap_or_default();
+        let malformed = || Redirect::Malformed(OsStr::from_bytes(value).to_os_string());
+        match text.strip_prefix(b"/") {
+            Some(path) => {
+                let parts: Vec<&[u8]> = path.split(|b| *b == b'/').collect();
+                if parts.iter().any(|p| p.is_empty()) {
+                    return malformed();
+                }
+                Redirect::Path(
+                    parts
+                        .into_iter()
+                        .map(|p| OsStr::from_bytes(p).to_os_string())
+                        .collect(),
+                )
+            }
+            None if text.contains(&b'/') => malformed(),
+            None => Redirect::Name(OsStr::from_bytes(text).to_os_string()),
+        }
+    }
+
+    /// The xattr value of a well-formed redirect, as a new one built from it
+    /// is written.
+    pub fn value(&self) -> Option<OsString> {
+        match self {
+            Redirect::Name(name) => Some(name.clone()),
+            Redirect::Path(parts) => {
+                let mut path = OsString::new();
+                for part in parts {
+                    path.push("/");
+                    path.push(part);
+                }
+                Some(path)
+            }
+            Redirect::Malformed(_) => None,
+        }
+    }
 }
 
 /// Reads the markers of the directory `dir`; `oci` also honours `.wh..wh..opq`.
@@ -102,9 +162,7 @@ pub fn read_dir_marks(dir: BorrowedFd<'_>, oci: bool) -> Result<DirMarks> {
                 USER_REDIRECT
             };
             let value = sys::get_xattr(XattrTarget::Fd(dir), which).sys("getxattr(redirect)")?;
-            marks.redirect = value
-                .filter(|v| !v.is_empty())
-                .map(|v| OsStr::from_bytes(&v).to_os_string());
+            marks.redirect = value.map(|v| Redirect::parse(&v));
             continue;
         } else {
             continue;
@@ -160,6 +218,56 @@ mod tests {
         assert_eq!(oci_name(OsStr::new(".wh..wh.plnk")), OciName::Meta);
         assert_eq!(oci_name(OsStr::new(".wh.")), OciName::Meta);
         assert_eq!(oci_name(OsStr::new(".whfile")), OciName::Plain);
+    }
+
+    fn name(s: &str) -> Redirect {
+        Redirect::Name(s.into())
+    }
+
+    fn path(parts: &[&str]) -> Redirect {
+        Redirect::Path(parts.iter().map(|p| p.into()).collect())
+    }
+
+    #[test]
+    fn redirects_are_parsed_as_kernel_overlayfs_reads_them() {
+        assert_eq!(Redirect::parse(b"moved"), name("moved"));
+        assert_eq!(Redirect::parse(b"/src/tree"), path(&["src", "tree"]));
+        // `.` and `..` are well formed here; a lookup refuses them.
+        assert_eq!(Redirect::parse(b".."), name(".."));
+        assert_eq!(Redirect::parse(b"/../x"), path(&["..", "x"]));
+        let long = "a".repeat(3000);
+        assert_eq!(Redirect::parse(long.as_bytes()), name(&long));
+        // What ends at a NUL for the kernel ends there here.
+        assert_eq!(Redirect::parse(b"moved\0/junk"), name("moved"));
+        assert_eq!(Redirect::parse(b"\0"), name(""));
+        for bad in [
+            &b""[..],
+            b"/",
+            b"//etc",
+            b"/etc/",
+            b"/etc//passwd",
+            b"../x",
+            b"a/b",
+            b"x/",
+        ] {
+            assert_eq!(
+                Redirect::parse(bad),
+                Redirect::Malformed(OsStr::from_bytes(bad).to_os_string()),
+                "{:?}",
+                OsStr::from_bytes(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn redirect_values_round_trip() {
+        for value in [&b"moved"[..], b"/src/tree", b"/a"] {
+            assert_eq!(
+                Redirect::parse(value).value().unwrap(),
+                OsStr::from_bytes(value)
+            );
+        }
+        assert_eq!(Redirect::parse(b"//etc").value(), None);
     }
 
     #[test]

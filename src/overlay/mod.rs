@@ -2,6 +2,7 @@
 //! operations on the merged tree. It knows nothing of FUSE; the adapter in
 //! `crate::fuse` maps requests onto it.
 
+pub mod acl;
 pub mod attr;
 pub mod copyup;
 pub mod error;
@@ -214,6 +215,11 @@ impl Overlay {
     /// Number of nodes the kernel currently holds references to.
     pub fn node_count(&self) -> usize {
         self.nodes.len()
+    }
+
+    /// A number no node has, nor will have.
+    pub fn fresh_id(&self) -> u64 {
+        self.inos.unique()
     }
 
     pub fn node(&self, id: u64) -> Result<Arc<Node>> {

@@ -66,7 +66,7 @@ impl Overlay {
         });
         for p in pending {
             let kind = p.kind;
-            let (ino, name) = self.entry_ino(node.id, &stack, p)?;
+            let (ino, name) = self.entry_ino(node.id, &stack, p);
             out.push(DirEntry { name, ino, kind });
         }
         Ok(out)
@@ -131,27 +131,28 @@ impl Overlay {
     /// lookup would.
     /// Takes the entry and gives its name back, so that looking the name up
     /// in the dentry cache costs no copy of it.
-    fn entry_ino(
-        &self,
-        dir_id: u64,
-        stack: &super::node::DirStack,
-        p: Pending,
-    ) -> Result<(u64, OsString)> {
+    fn entry_ino(&self, dir_id: u64, stack: &super::node::DirStack, p: Pending) -> (u64, OsString) {
         let key = (dir_id, p.name);
         let cached = self.dentries.get(&key).map(|d| *d);
         let (_, name) = key;
         if let Some(Dentry::Positive(id)) = cached
             && self.nodes.contains_key(&id)
         {
-            return Ok((id, name));
+            return (id, name);
         }
-        if p.kind == FileKind::Directory
-            && self.layers[p.top_layer].upper
-            && let Some(resolved) = resolve::resolve_child(&self.layers, stack, &name)?
-        {
-            return Ok((self.ino_of(resolved.origin.0, resolved.origin.1), name));
+        let own = self.ino_of(self.layers[p.top_layer].dev, p.top_ino);
+        if p.kind == FileKind::Directory && self.layers[p.top_layer].upper {
+            match resolve::resolve_child(&self.layers, stack, &name) {
+                Ok(Some(resolved)) => {
+                    return (self.ino_of(resolved.origin.0, resolved.origin.1), name);
+                }
+                Ok(None) => {}
+                // A directory a lookup fails on (a bad redirect) still lists,
+                // as on kernel overlayfs; only a lookup of it fails.
+                Err(e) => tracing::debug!(error = %e, ?name, "listing with its own inode number"),
+            }
         }
-        Ok((self.ino_of(self.layers[p.top_layer].dev, p.top_ino), name))
+        (own, name)
     }
 }
 

@@ -3,9 +3,8 @@
 //! no caching here.
 
 use std::ffi::{OsStr, OsString};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nix::errno::Errno;
@@ -15,7 +14,7 @@ use nix::sys::stat::fstatat;
 use super::attr::{Attr, FileKind};
 use super::error::{Error, Result, SysContext};
 use super::layer::{Layer, open_beneath};
-use super::marker::{self, OciName};
+use super::marker::{self, OciName, Redirect};
 use super::node::{DirLayer, DirStack};
 
 /// What one layer's directory says about a name.
@@ -27,7 +26,27 @@ pub enum Probe {
     Entry(Attr),
 }
 
+/// The longest name a layer's filesystem can hold.
+const NAME_MAX: usize = 255;
+
+/// Whether `name`, which may come from a redirect, can be looked up in a
+/// directory of a layer: `Ok(false)` when it is too long for any entry to
+/// have it. Kernel overlayfs looks redirect names up with lookup_one(),
+/// which refuses the empty name, `.` and `..` (EACCES), and takes a name the
+/// layer's filesystem finds too long as missing there. Checked before every
+/// probe, so no name ever leads outside the directory it is looked up in.
+pub fn lookup_name(name: &OsStr) -> Result<bool> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes == b"." || bytes == b".." || bytes.contains(&b'/') {
+        return Err(Error::new(Errno::EACCES, "lookup(redirect name)"));
+    }
+    Ok(bytes.len() <= NAME_MAX)
+}
+
 pub fn probe(dl: &DirLayer, name: &OsStr) -> Result<Probe> {
+    if !lookup_name(name).map_err(|e| e.with_layer(dl.layer))? {
+        return Ok(Probe::Missing);
+    }
     if dl.oci && marker::oci_name(name) != OciName::Plain {
         // OCI markers are instructions, never entries of the merged view.
         return Ok(Probe::Missing);
@@ -91,10 +110,30 @@ pub fn open_dir_layer(layers: &[Layer], parent: &DirLayer, name: &OsStr) -> Resu
 
 /// Where the remaining layers keep the directory being resolved: under its
 /// name (or a relative redirect) in the parent's copies, or, after an
-/// absolute redirect, at a path from each layer's root.
+/// absolute redirect, at a path (its components) from each layer's root.
 enum Target {
     Name(OsString),
-    FromRoot(PathBuf),
+    FromRoot(Vec<OsString>),
+}
+
+/// The directory `parts` leads to from `root`, one checked component at a
+/// time, never across a symlink; None when the layer has no such directory.
+fn walk_beneath(root: BorrowedFd<'_>, parts: &[OsString]) -> Result<Option<OwnedFd>> {
+    let mut dir = open_beneath(root, OsStr::new("."), OFlag::O_PATH | OFlag::O_DIRECTORY)
+        .sys("openat2(redirect)")?;
+    for part in parts {
+        if !lookup_name(part)? {
+            return Ok(None);
+        }
+        dir = match open_beneath(dir.as_fd(), part, OFlag::O_PATH | OFlag::O_DIRECTORY) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP | Errno::ENAMETOOLONG) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(e).sys("openat2(redirect)"),
+        };
+    }
+    Ok(Some(dir))
 }
 
 /// The next place to look: a directory of one layer and the name in it.
@@ -110,33 +149,18 @@ fn next_place(
             .iter()
             .find(|d| d.layer >= from_layer)
             .map(|d| (d.clone(), name.clone()))),
-        Target::FromRoot(path) => {
-            let Some(file_name) = path.file_name() else {
+        Target::FromRoot(parts) => {
+            let Some((file_name, dirs)) = parts.split_last() else {
                 return Ok(None);
             };
-            let dir = path
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
             for layer in layers.iter().skip(from_layer) {
-                match open_beneath(
-                    layer.root(),
-                    dir.as_os_str(),
-                    OFlag::O_PATH | OFlag::O_DIRECTORY,
-                ) {
-                    Ok(fd) => {
-                        let marks = marker::read_dir_marks(fd.as_fd(), !layer.upper)
-                            .map_err(|e| e.with_layer(layer.index))?;
-                        let dl = DirLayer::new(layer.index, fd, marks, !layer.upper);
-                        return Ok(Some((Arc::new(dl), file_name.to_os_string())));
-                    }
-                    Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP) => continue,
-                    Err(e) => {
-                        return Err(Error::new(e, "openat2(redirect)")
-                            .with_layer(layer.index)
-                            .with_path(path));
-                    }
-                }
+                let ctx = |e: Error| e.with_layer(layer.index);
+                let Some(fd) = walk_beneath(layer.root(), dirs).map_err(ctx)? else {
+                    continue;
+                };
+                let marks = marker::read_dir_marks(fd.as_fd(), !layer.upper).map_err(ctx)?;
+                let dl = DirLayer::new(layer.index, fd, marks, !layer.upper);
+                return Ok(Some((Arc::new(dl), file_name.clone())));
             }
             Ok(None)
         }
@@ -180,11 +204,18 @@ pub fn resolve_child(
         };
         let child = open_dir_layer(layers, &dl, &lookup)?;
         let opaque = child.marks.opaque;
-        if let Some(redirect) = &child.marks.redirect {
-            // redirect_dir: the layers below keep this directory elsewhere.
-            target = match redirect.as_bytes().strip_prefix(b"/") {
-                Some(path) => Target::FromRoot(PathBuf::from(OsStr::from_bytes(path))),
-                None => Target::Name(redirect.clone()),
+        // redirect_dir: the layers below keep this directory elsewhere. As
+        // on kernel overlayfs, a redirect nothing would follow (on an opaque
+        // directory, or in the bottom layer) is not even read.
+        let followed = !opaque && dl.layer + 1 < layers.len();
+        if let (true, Some(redirect)) = (followed, &child.marks.redirect) {
+            target = match redirect {
+                Redirect::Name(name) => Target::Name(name.clone()),
+                Redirect::Path(parts) => Target::FromRoot(parts.clone()),
+                Redirect::Malformed(value) => {
+                    tracing::debug!(?value, layer = dl.layer, "malformed redirect");
+                    return Err(Error::new(Errno::EINVAL, "read redirect").with_layer(dl.layer));
+                }
             };
         }
         if !layers[dl.layer].upper && stack.layers.iter().all(|l| layers[l.layer].upper) {
@@ -223,4 +254,166 @@ pub fn root_stack(layers: &[Layer]) -> Result<DirStack> {
         }
     }
     Ok(stack)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+    use std::path::Path;
+
+    use super::*;
+    use crate::overlay::ino::ROOT_ID;
+    use crate::overlay::{Overlay, OverlayConfig};
+    use crate::sys::{XattrTarget, set_xattr};
+
+    #[test]
+    fn redirect_names_are_single_components_inside_the_directory() {
+        for refused in ["", ".", "..", "a/b", "/"] {
+            assert_eq!(
+                lookup_name(OsStr::new(refused)).unwrap_err().errno(),
+                Errno::EACCES,
+                "{refused:?}"
+            );
+        }
+        assert!(lookup_name(OsStr::new("x")).unwrap());
+        assert!(lookup_name(OsStr::new("...")).unwrap());
+        assert!(lookup_name(OsStr::new(&"a".repeat(255))).unwrap());
+        assert!(!lookup_name(OsStr::new(&"a".repeat(256))).unwrap());
+    }
+
+    fn write(path: &Path, data: &[u8]) {
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, data).unwrap();
+    }
+
+    fn set(path: &Path, name: &std::ffi::CStr, value: &[u8]) {
+        let dir = fs::File::open(path).unwrap();
+        set_xattr(XattrTarget::Fd(dir.as_fd()), name, value, 0).unwrap();
+    }
+
+    /// `<t>/layers/{u,l1,l2}`: root entries `a`, `bad` (with `redirect` in
+    /// l1) over `bad` in l2, and `x` and `etc` in l2.
+    fn build(t: &Path, redirect: &[u8]) -> std::path::PathBuf {
+        let layers = t.join("layers");
+        let (l1, l2) = (layers.join("l1"), layers.join("l2"));
+        fs::create_dir_all(layers.join("u")).unwrap();
+        fs::create_dir_all(layers.join("work")).unwrap();
+        write(&l1.join("a/f"), b"");
+        write(&l1.join("bad/top"), b"");
+        write(&l2.join("bad/below"), b"");
+        write(&l2.join("x/in-x"), b"");
+        write(&l2.join("etc/in-etc"), b"");
+        set(&l1.join("bad"), c"trusted.overlay.redirect", redirect);
+        layers
+    }
+
+    fn mount(layers: &Path) -> Overlay {
+        Overlay::new(&OverlayConfig {
+            lowers: vec![layers.join("l1"), layers.join("l2")],
+            upper: Some(layers.join("u")),
+            work: Some(layers.join("work")),
+            volatile: false,
+        })
+        .unwrap()
+    }
+
+    /// A directory's entries, or the errno of its lookup.
+    type Shown = std::result::Result<Vec<String>, Errno>;
+
+    fn lookup(ov: &Overlay, path: &str) -> Shown {
+        let mut id = ROOT_ID;
+        for part in path.split('/') {
+            id = ov.lookup(id, OsStr::new(part)).map_err(|e| e.errno())?.0.id;
+        }
+        let node = ov.node(id).unwrap();
+        let mut names: Vec<String> = ov
+            .merged_entries(&node)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name.into_string().unwrap())
+            .filter(|n| n != "." && n != "..")
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    #[test]
+    fn a_bad_redirect_fails_its_directory_alone_with_the_kernels_errno() {
+        let names = |names: &[&str]| Ok(names.iter().map(|n| n.to_string()).collect());
+        let cases: [(&[u8], Shown); 11] = [
+            (b"/../x", Err(Errno::EACCES)),
+            (b"//etc", Err(Errno::EINVAL)),
+            (b"/etc/", Err(Errno::EINVAL)),
+            (b"", Err(Errno::EINVAL)),
+            (b"..", Err(Errno::EACCES)),
+            (b".", Err(Errno::EACCES)),
+            (b"../x", Err(Errno::EINVAL)),
+            // The kernel walks an absolute redirect component by component:
+            // a `..` after a missing component is never reached.
+            (b"/missing/../x", names(&["top"])),
+            (b"/x/../x", Err(Errno::EACCES)),
+            // Too long for any entry: nothing below, the directory's own
+            // layer only.
+            (&[b'a'; 3000], names(&["top"])),
+            (b"x", names(&["in-x", "top"])),
+        ];
+        for (redirect, expected) in cases {
+            let t = tempfile::tempdir().unwrap();
+            let ov = mount(&build(t.path(), redirect));
+            let shown = String::from_utf8_lossy(redirect);
+            assert_eq!(lookup(&ov, "bad"), expected, "{shown}");
+            // The listing and the siblings never suffer.
+            assert_eq!(lookup(&ov, "a"), Ok(vec!["f".to_string()]), "{shown}");
+            let root = ov.node(ROOT_ID).unwrap();
+            let listed: Vec<_> = ov.merged_entries(&root).unwrap();
+            assert!(listed.iter().any(|e| e.name == "bad"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn redirects_nothing_follows_are_not_read() {
+        let t = tempfile::tempdir().unwrap();
+        let layers = build(t.path(), b"x");
+        // In the bottom layer, or on an opaque directory, a redirect leads
+        // nowhere: kernel overlayfs does not read it, and neither may a bad
+        // one fail the lookup.
+        fs::create_dir_all(layers.join("l2/bottom")).unwrap();
+        set(
+            &layers.join("l2/bottom"),
+            c"trusted.overlay.redirect",
+            b"//etc",
+        );
+        write(&layers.join("l1/opaque/f"), b"");
+        set(
+            &layers.join("l1/opaque"),
+            c"trusted.overlay.redirect",
+            b"//etc",
+        );
+        set(&layers.join("l1/opaque"), c"trusted.overlay.opaque", b"y");
+        // `..` names nothing while no layer below has the parent.
+        write(&layers.join("l1/p/q/f"), b"");
+        set(&layers.join("l1/p/q"), c"trusted.overlay.redirect", b"..");
+        let ov = mount(&layers);
+        assert_eq!(lookup(&ov, "bottom"), Ok(vec![]));
+        assert_eq!(lookup(&ov, "opaque"), Ok(vec!["f".to_string()]));
+        assert_eq!(lookup(&ov, "p/q"), Ok(vec!["f".to_string()]));
+    }
+
+    #[test]
+    fn an_upper_directory_with_a_bad_redirect_still_lists() {
+        let t = tempfile::tempdir().unwrap();
+        let layers = build(t.path(), b"x");
+        fs::create_dir_all(layers.join("u/moved")).unwrap();
+        set(
+            &layers.join("u/moved"),
+            c"trusted.overlay.redirect",
+            b"/../etc",
+        );
+        let ov = mount(&layers);
+        // The listing resolves upper directories for their inode numbers.
+        assert_eq!(lookup(&ov, "moved"), Err(Errno::EACCES));
+        let root = ov.node(ROOT_ID).unwrap();
+        let listed = ov.merged_entries(&root).unwrap();
+        assert!(listed.iter().any(|e| e.name == "moved"));
+    }
 }

@@ -17,6 +17,7 @@ use nix::sys::stat::{
 use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid, UnlinkatFlags, fchownat, ftruncate, linkat, symlinkat, unlinkat};
 
+use super::acl;
 use super::attr::Attr;
 use super::copyup::{
     CopyData, TempEntry, copy_xattrs, set_owner_mode_times, upper_whiteout_at,
@@ -38,6 +39,9 @@ pub struct Caller {
     pub uid: u32,
     pub gid: u32,
     pub pid: u32,
+    /// Its umask, for what it creates: the kernel leaves it to us
+    /// (FUSE_DONT_MASK) because a default ACL overrides it.
+    pub umask: u32,
 }
 
 impl Caller {
@@ -116,6 +120,7 @@ impl Overlay {
         let parent_node = self.node(parent)?;
         let stack = self.upper_dir(&parent_node)?;
         let upper = stack.top();
+        let (object, default_acl) = acl::prepare(object, caller.umask, upper.fd())?;
         if let NewObject::Special { mode, rdev: 0 } = object
             && mode & libc::S_IFMT == libc::S_IFCHR
         {
@@ -135,6 +140,9 @@ impl Overlay {
             // temp name then holds the old whiteout, removed on drop.
             let tmp = TempEntry::new(work);
             let file = self.make_object(tmp.fd(), &tmp.name, &object, owner, &parent_attr)?;
+            if let Some(default_acl) = &default_acl {
+                acl::inherit(default_acl, tmp.fd(), &tmp.name)?;
+            }
             if matches!(object, NewObject::Dir { .. }) {
                 self.mark_opaque(XattrTarget::Entry(tmp.fd(), &tmp.name))?;
             }
@@ -774,7 +782,7 @@ impl Overlay {
     fn current_redirect(&self, node: &Arc<Node>) -> Result<Option<std::ffi::OsString>> {
         let stack = node.dir_stack()?;
         if !self.is_upper(stack.top().layer) {
-            return Ok(stack.top().marks.redirect.clone());
+            return Ok(stack.top().marks.redirect.as_ref().and_then(|r| r.value()));
         }
         for name in [marker::TRUSTED_REDIRECT, marker::USER_REDIRECT] {
             let value = sys::get_xattr(XattrTarget::Fd(stack.top().fd()), name)
@@ -873,6 +881,7 @@ fn owner_as_created(parent: &Attr) -> (u32, u32) {
         uid: nix::unistd::geteuid().as_raw(),
         gid: nix::unistd::getegid().as_raw(),
         pid: std::process::id(),
+        umask: 0,
     });
     owner_for(*daemon, parent)
 }
