@@ -42,6 +42,7 @@ fn deep_lower_tree(dir: &Path, depth: usize) {
     )
     .unwrap();
     nix::unistd::write(&file, b"bottom\n").unwrap();
+    nix::sys::stat::fchmod(&file, Mode::from_bits_truncate(0o666)).unwrap();
 }
 
 /// What the unprivileged child does at the bottom of the tree.
@@ -52,11 +53,25 @@ const WALK_ENV: &str = "UNIONFS_DEEP_WALK";
 /// before that, so the child walks down by descriptors.
 fn as_nobody_at_bottom(top: &Path, step: &str) -> std::process::Output {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--ignored", "--exact", "deep_walk_child", "--nocapture", "--quiet"])
-        .env(WALK_ENV, format!("{step}:{}", top.display()))
-        .uid(65534)
-        .gid(65534);
+    cmd.args([
+        "--ignored",
+        "--exact",
+        "deep_walk_child",
+        "--nocapture",
+        "--quiet",
+    ])
+    .env(WALK_ENV, format!("{step}:{}", top.display()))
+    .uid(65534)
+    .gid(65534);
     run_with_timeout(&mut cmd, Duration::from_secs(300))
+}
+
+/// What the child read, out of the test harness' own output.
+fn read_back(out: &std::process::Output) -> String {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let start = text.find("<<").map_or(0, |i| i + 2);
+    let end = text.rfind(">>").unwrap_or(text.len());
+    text.get(start..end).unwrap_or_default().to_string()
 }
 
 /// The child side of `as_nobody_at_bottom`; does nothing unless asked.
@@ -76,7 +91,7 @@ fn deep_walk_child() {
         let f = openat(fd.as_fd(), name, OFlag::O_RDONLY, Mode::empty()).unwrap();
         let mut buf = vec![0u8; 64];
         let n = nix::unistd::read(&f, &mut buf).unwrap();
-        print!("{}", String::from_utf8_lossy(&buf[..n]));
+        print!("<<{}>>", String::from_utf8_lossy(&buf[..n]));
     };
     match step {
         "create" => {
@@ -104,6 +119,19 @@ fn deep_walk_child() {
     }
 }
 
+/// Removes a deep tree with rm(1) before the scratch directory's own
+/// cleanup, whose recursive walk would overflow the test thread's stack.
+struct RemoveDeepTree(std::path::PathBuf);
+
+impl Drop for RemoveDeepTree {
+    fn drop(&mut self) {
+        let _ = run_with_timeout(
+            Command::new("rm").arg("-rf").arg(&self.0),
+            Duration::from_secs(300),
+        );
+    }
+}
+
 fn assert_mount_alive(m: &UnionMount) {
     assert!(
         fs::metadata(&m.mountpoint).is_ok() && fs::read_dir(&m.mountpoint).is_ok(),
@@ -118,6 +146,7 @@ fn an_unprivileged_user_cannot_kill_the_mount_with_a_deep_tree() {
     for dir in [&lower, &upper] {
         fs::set_permissions(dir, fs::Permissions::from_mode(0o777)).unwrap();
     }
+    let _cleanup = (RemoveDeepTree(lower.clone()), RemoveDeepTree(upper.clone()));
     deep_lower_tree(&lower, DEPTH);
     let m = UnionMount::mount(&[&lower], Some(&upper), &s.mkdir("mnt"), &[]);
 
@@ -128,19 +157,15 @@ fn an_unprivileged_user_cannot_kill_the_mount_with_a_deep_tree() {
         "touch/append at the bottom failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "bottom\nmore\n");
+    assert_eq!(read_back(&out), "bottom\nmore\n");
     assert_mount_alive(&m);
 
     // The upper holds the new file and the copied-up one at full depth.
     let out = as_nobody_at_bottom(&upper, "check");
     assert!(out.status.success(), "upper lacks the deep files");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "bottom\nmore\n");
+    assert_eq!(read_back(&out), "bottom\nmore\n");
     let out = as_nobody_at_bottom(&lower, "read");
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "bottom\n",
-        "lower changed"
-    );
+    assert_eq!(read_back(&out), "bottom\n", "lower changed");
 
     // A deep directory the user makes through the mount, then removes.
     let out = as_nobody_at_bottom(&m.mountpoint, "mkdirs");

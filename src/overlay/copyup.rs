@@ -98,12 +98,19 @@ impl Overlay {
         // directory did not change in the merged view.
         let parent_times = DirTimes::of(upper).map_err(ctx)?;
         let built = self
-            .build_copy(lower.fd(), &name, work.fd(), &tmp, &state.attr, data)
+            .build_copy(
+                lower.fd()?.as_fd(),
+                &name,
+                work.fd(),
+                &tmp,
+                &state.attr,
+                data,
+            )
             .and_then(|()| {
                 renameat2(
                     work.fd(),
                     tmp.as_os_str(),
-                    upper.fd(),
+                    upper.fd()?.as_fd(),
                     name.as_os_str(),
                     RenameFlags::RENAME_NOREPLACE,
                 )
@@ -117,13 +124,18 @@ impl Overlay {
 
         if node.kind != FileKind::Directory {
             // Lookups that find the upper copy must land on this node.
-            let st = fstatat(upper.fd(), name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
-                .sys("fstatat(copy-up)")
-                .map_err(ctx)?;
+            let st = fstatat(
+                upper.fd()?.as_fd(),
+                name.as_os_str(),
+                AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .sys("fstatat(copy-up)")
+            .map_err(ctx)?;
             self.copied_up.insert((st.st_dev, st.st_ino), node.id);
         }
         let new_state = if node.kind == FileKind::Directory {
-            let child = resolve::open_dir_layer(&self.layers, upper, &name).map_err(ctx)?;
+            let child = resolve::open_dir_layer(&self.layers, &parent_stack.layers[0], &name)
+                .map_err(ctx)?;
             let old = state.dir.clone().expect("directory node has a stack");
             let mut layers = vec![Arc::new(child)];
             layers.extend(old.layers.iter().cloned());
@@ -148,9 +160,9 @@ impl Overlay {
             let alias_dir = alias_stack.top();
             let alias_times = DirTimes::of(alias_dir).map_err(ctx)?;
             if let Err(e) = linkat(
-                upper.fd(),
+                upper.fd()?.as_fd(),
                 name.as_os_str(),
-                alias_dir.fd(),
+                alias_dir.fd()?.as_fd(),
                 alias_name.as_os_str(),
                 AtFlags::empty(),
             ) {
@@ -381,7 +393,7 @@ pub(crate) struct DirTimes {
 
 impl DirTimes {
     pub(crate) fn of(dir: &super::node::DirLayer) -> Result<DirTimes> {
-        let st = nix::sys::stat::fstat(dir.fd()).sys("fstat(parent times)")?;
+        let st = nix::sys::stat::fstat(dir.fd()?.as_fd()).sys("fstat(parent times)")?;
         Ok(DirTimes {
             atime: TimeSpec::new(st.st_atime, st.st_atime_nsec),
             mtime: TimeSpec::new(st.st_mtime, st.st_mtime_nsec),
@@ -392,7 +404,7 @@ impl DirTimes {
     /// to it names the directory itself.
     pub(crate) fn restore(&self, dir: &super::node::DirLayer) -> Result<()> {
         utimensat(
-            dir.fd(),
+            dir.fd()?.as_fd(),
             ".",
             &self.atime,
             &self.mtime,
@@ -404,7 +416,7 @@ impl DirTimes {
 
 /// Whether `name` is a whiteout in the upper directory `dir`.
 pub fn upper_whiteout_at(dir: &super::node::DirLayer, name: &OsStr) -> Result<bool> {
-    match fstatat(dir.fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+    match fstatat(dir.fd()?.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
         Ok(st) => resolve::is_whiteout(dir, name, &Attr::from_stat(&st)),
         Err(Errno::ENOENT) => Ok(false),
         Err(e) => Err(e).sys("fstatat"),
@@ -446,7 +458,7 @@ impl<'a> TempEntry<'a> {
         renameat2(
             self.fd(),
             self.name.as_os_str(),
-            dir.fd(),
+            dir.fd()?.as_fd(),
             name,
             RenameFlags::RENAME_EXCHANGE,
         )

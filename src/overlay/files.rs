@@ -2,6 +2,7 @@
 
 use std::ffi::OsStr;
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
@@ -89,7 +90,7 @@ impl Overlay {
             return Ok(());
         }
         let dir = open_beneath(
-            stack.top().fd(),
+            stack.top().fd()?.as_fd(),
             OsStr::new("."),
             OFlag::O_RDONLY | OFlag::O_DIRECTORY,
         )

@@ -5,6 +5,7 @@ use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag, open, openat2};
 use nix::sys::stat::{Mode, fstat};
@@ -17,7 +18,8 @@ pub struct Layer {
     /// Position in the stack: 0 is the topmost (the upper when there is one).
     pub index: usize,
     pub path: PathBuf,
-    pub root: OwnedFd,
+    /// Shared with the lower directories that may reopen from it.
+    pub root: Arc<OwnedFd>,
     pub dev: u64,
     /// The upper layer: written in kernel overlayfs format only, and OCI
     /// `.wh.` names in it are ordinary files.
@@ -42,7 +44,7 @@ impl Layer {
         Ok(Layer {
             index,
             path: path.to_path_buf(),
-            root,
+            root: Arc::new(root),
             dev: st.st_dev,
             upper,
         })

@@ -5,6 +5,7 @@
 pub mod acl;
 pub mod attr;
 pub mod copyup;
+pub mod dirfd;
 pub mod error;
 mod files;
 pub mod handles;
@@ -16,10 +17,10 @@ pub mod readdir;
 pub mod resolve;
 #[cfg(test)]
 mod tests;
-#[cfg(test)]
-mod write_tests;
 pub mod workdir;
 pub mod write;
+#[cfg(test)]
+mod write_tests;
 
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
@@ -145,7 +146,7 @@ impl Overlay {
 
         let stack = resolve::root_stack(&layers)?;
         let top = stack.top();
-        let raw = Attr::from_stat(&fstat(top.fd()).sys("fstat root")?);
+        let raw = Attr::from_stat(&fstat(top.fd()?).sys("fstat root")?);
         let root_ino = inos.map(raw.dev, raw.ino);
         let attr = merged_attr(raw, root_ino, stack.is_merged());
         let root = Node::new(
@@ -365,7 +366,12 @@ impl Overlay {
         let Ok(Backing::Entry { dir, name }) = self.backing(node) else {
             return Backs::Gone;
         };
-        match fstatat(dir.fd(), name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+        let Ok(dirfd) = dir.fd() else {
+            // Unknown (out of descriptors): never take it for gone, which
+            // would retire a live node.
+            return Backs::Other;
+        };
+        match fstatat(dirfd, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(st) if st.st_dev == attr.dev && st.st_ino == attr.backing_ino => Backs::Same,
             Ok(_) => Backs::Other,
             Err(_) => Backs::Gone,
@@ -458,10 +464,13 @@ impl Overlay {
             return Ok(attr);
         }
         let raw = match self.backing(node)? {
-            Backing::Dir(stack) => fstat(stack.top().fd()).sys("fstat"),
-            Backing::Entry { dir, name } => {
-                fstatat(dir.fd(), name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW).sys("fstatat")
-            }
+            Backing::Dir(stack) => fstat(stack.top().fd()?.as_fd()).sys("fstat"),
+            Backing::Entry { dir, name } => fstatat(
+                dir.fd()?.as_fd(),
+                name.as_os_str(),
+                AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .sys("fstatat"),
         }
         .map_err(|e| e.with_layer(state.layer).with_path(node.path()))?;
         let merged = state.dir.as_ref().is_some_and(|d| d.is_merged());
@@ -510,8 +519,8 @@ impl Overlay {
             return f(XattrTarget::Fd(file.as_fd())).sys(op);
         }
         let result = match self.backing(node)? {
-            Backing::Dir(stack) => f(XattrTarget::Fd(stack.top().fd())),
-            Backing::Entry { dir, name } => f(XattrTarget::Entry(dir.fd(), &name)),
+            Backing::Dir(stack) => f(XattrTarget::Fd(stack.top().fd()?.as_fd())),
+            Backing::Entry { dir, name } => f(XattrTarget::Entry(dir.fd()?.as_fd(), &name)),
         };
         result
             .sys(op)
@@ -524,7 +533,7 @@ impl Overlay {
             return Err(Error::new(Errno::EINVAL, "readlink"));
         }
         match self.backing(&node)? {
-            Backing::Entry { dir, name } => readlinkat(dir.fd(), name.as_os_str())
+            Backing::Entry { dir, name } => readlinkat(dir.fd()?.as_fd(), name.as_os_str())
                 .sys("readlinkat")
                 .map_err(|e| e.with_layer(dir.layer).with_path(node.path())),
             Backing::Dir(_) => Err(Error::new(Errno::EINVAL, "readlink")),
@@ -544,7 +553,7 @@ impl Overlay {
         let keep = libc::O_ACCMODE | libc::O_APPEND | libc::O_NONBLOCK | libc::O_TRUNC;
         let oflags = OFlag::from_bits_truncate(flags & keep) | OFlag::O_NOCTTY;
         match self.backing(node)? {
-            Backing::Entry { dir, name } => open_beneath(dir.fd(), &name, oflags)
+            Backing::Entry { dir, name } => open_beneath(dir.fd()?.as_fd(), &name, oflags)
                 .map(File::from)
                 .sys("openat2")
                 .map_err(|e| e.with_layer(layer).with_path(node.path())),

@@ -5,13 +5,14 @@
 
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, RwLock};
 
 use super::attr::{Attr, FileKind};
+use super::dirfd::{self, DirFd, LazyDirFd, Origin};
 use super::error::{Error, Result};
 use super::layer::list_dir;
 use super::marker::{self, DirMarks, OciName};
@@ -20,7 +21,7 @@ use super::marker::{self, DirMarks, OciName};
 #[derive(Debug)]
 pub struct DirLayer {
     pub layer: usize,
-    pub fd: OwnedFd,
+    fd: LazyDirFd,
     pub marks: DirMarks,
     /// Whether OCI `.wh.` names count here (lower layers only).
     pub oci: bool,
@@ -30,7 +31,31 @@ pub struct DirLayer {
 }
 
 impl DirLayer {
+    /// A directory whose descriptor stays open for its life.
     pub fn new(layer: usize, fd: OwnedFd, marks: DirMarks, oci: bool) -> DirLayer {
+        DirLayer::with_origin(layer, fd, marks, oci, Origin::Held)
+    }
+
+    /// A lower directory whose descriptor may be closed and reopened from
+    /// `origin`.
+    pub fn with_origin(
+        layer: usize,
+        fd: OwnedFd,
+        marks: DirMarks,
+        oci: bool,
+        origin: Origin,
+    ) -> DirLayer {
+        DirLayer {
+            layer,
+            fd: LazyDirFd::new(fd, origin),
+            marks,
+            oci,
+            oci_whiteouts: OnceLock::new(),
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn from_lazy(layer: usize, fd: LazyDirFd, marks: DirMarks, oci: bool) -> DirLayer {
         DirLayer {
             layer,
             fd,
@@ -40,8 +65,12 @@ impl DirLayer {
         }
     }
 
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+    pub fn fd(&self) -> Result<DirFd> {
+        dirfd::dir_fd(self)
+    }
+
+    pub(crate) fn lazy_fd(&self) -> &LazyDirFd {
+        &self.fd
     }
 
     /// Whether an OCI whiteout here hides `name` from the layers below.
@@ -64,7 +93,20 @@ impl DirLayer {
 
     /// The raw entries of this layer's directory: (name, inode, type if known).
     pub fn read_entries(&self) -> Result<Vec<(OsString, u64, Option<FileKind>)>> {
-        list_dir(self.fd())
+        list_dir(self.fd()?.as_fd())
+    }
+}
+
+impl Drop for DirLayer {
+    /// Reopenable directories hold their parents: release a deep chain in a
+    /// loop, as `Node` does, not by one recursive drop per level.
+    fn drop(&mut self) {
+        let mut orphans: Vec<Arc<DirLayer>> = self.fd.take_parent().into_iter().collect();
+        while let Some(parent) = orphans.pop() {
+            if let Ok(mut parent) = Arc::try_unwrap(parent) {
+                orphans.extend(parent.fd.take_parent());
+            }
+        }
     }
 }
 

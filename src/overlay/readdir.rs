@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
+use std::os::fd::AsFd;
 
 use nix::fcntl::AtFlags;
 use nix::sys::stat::fstatat;
@@ -166,7 +167,7 @@ fn classify(dl: &DirLayer, name: &OsStr, kind: Option<FileKind>) -> Result<(File
     if !needs_stat {
         return Ok((kind.unwrap_or(FileKind::Regular), false));
     }
-    let st = fstatat(dl.fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW).sys("fstatat")?;
+    let st = fstatat(dl.fd()?.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW).sys("fstatat")?;
     let attr = Attr::from_stat(&st);
     Ok((attr.kind(), resolve::is_whiteout(dl, name, &attr)?))
 }

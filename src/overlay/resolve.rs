@@ -12,6 +12,7 @@ use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::fstatat;
 
 use super::attr::{Attr, FileKind};
+use super::dirfd::Origin;
 use super::error::{Error, Result, SysContext};
 use super::layer::{Layer, open_beneath};
 use super::marker::{self, OciName, Redirect};
@@ -51,7 +52,7 @@ pub fn probe(dl: &DirLayer, name: &OsStr) -> Result<Probe> {
         // OCI markers are instructions, never entries of the merged view.
         return Ok(Probe::Missing);
     }
-    match fstatat(dl.fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+    match fstatat(dl.fd()?.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
         Ok(st) => {
             let attr = Attr::from_stat(&st);
             if is_whiteout(dl, name, &attr)? {
@@ -78,7 +79,7 @@ pub fn is_whiteout(dl: &DirLayer, name: &OsStr, attr: &Attr) -> Result<bool> {
         return Ok(true);
     }
     if dl.marks.xwhiteouts && attr.kind() == FileKind::Regular && attr.size == 0 {
-        return marker::is_xattr_whiteout(dl.fd(), name);
+        return marker::is_xattr_whiteout(dl.fd()?.as_fd(), name);
     }
     Ok(false)
 }
@@ -98,14 +99,23 @@ pub struct Resolved {
 }
 
 /// Opens one layer's copy of a directory and reads its markers.
-pub fn open_dir_layer(layers: &[Layer], parent: &DirLayer, name: &OsStr) -> Result<DirLayer> {
-    let fd = open_beneath(parent.fd(), name, OFlag::O_PATH | OFlag::O_DIRECTORY)
-        .sys("openat2(dir)")
-        .map_err(|e| e.with_layer(parent.layer))?;
+/// Its descriptor may be closed, and found again from its parent.
+pub fn open_dir_layer(layers: &[Layer], parent: &Arc<DirLayer>, name: &OsStr) -> Result<DirLayer> {
+    let fd = open_beneath(
+        parent.fd()?.as_fd(),
+        name,
+        OFlag::O_PATH | OFlag::O_DIRECTORY,
+    )
+    .sys("openat2(dir)")
+    .map_err(|e| e.with_layer(parent.layer))?;
     let oci = !layers[parent.layer].upper;
     let marks = marker::read_dir_marks(std::os::fd::AsFd::as_fd(&fd), oci)
         .map_err(|e| e.with_layer(parent.layer))?;
-    Ok(DirLayer::new(parent.layer, fd, marks, oci))
+    let origin = Origin::Child {
+        parent: parent.clone(),
+        name: name.to_os_string(),
+    };
+    Ok(DirLayer::with_origin(parent.layer, fd, marks, oci, origin))
 }
 
 /// Where the remaining layers keep the directory being resolved: under its
@@ -159,7 +169,15 @@ fn next_place(
                     continue;
                 };
                 let marks = marker::read_dir_marks(fd.as_fd(), !layer.upper).map_err(ctx)?;
-                let dl = DirLayer::new(layer.index, fd, marks, !layer.upper);
+                let dl = if layer.upper {
+                    DirLayer::new(layer.index, fd, marks, false)
+                } else {
+                    let origin = Origin::FromRoot {
+                        root: layer.root.clone(),
+                        parts: dirs.to_vec(),
+                    };
+                    DirLayer::with_origin(layer.index, fd, marks, true, origin)
+                };
                 return Ok(Some((Arc::new(dl), file_name.clone())));
             }
             Ok(None)

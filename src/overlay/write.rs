@@ -19,17 +19,15 @@ use nix::unistd::{Gid, Uid, UnlinkatFlags, fchownat, ftruncate, linkat, symlinka
 
 use super::acl;
 use super::attr::Attr;
-use super::copyup::{
-    CopyData, TempEntry, copy_xattrs, set_owner_mode_times, upper_whiteout_at,
-};
+use super::copyup::{CopyData, TempEntry, copy_xattrs, set_owner_mode_times, upper_whiteout_at};
 use super::error::{Error, Result, SysContext};
 use super::files::{clear_setid_bits, setid_cleared};
 use super::handles::OpenFile;
 use super::layer::{list_dir, open_beneath};
 use super::marker;
 use super::node::{DirLayer, DirStack, Node};
-use super::workdir::WorkDir;
 use super::resolve::{self, Probe};
+use super::workdir::WorkDir;
 use super::{Dentry, Overlay};
 use crate::sys::{self, XattrTarget};
 
@@ -120,7 +118,7 @@ impl Overlay {
         let parent_node = self.node(parent)?;
         let stack = self.upper_dir(&parent_node)?;
         let upper = stack.top();
-        let (object, default_acl) = acl::prepare(object, caller.umask, upper.fd())?;
+        let (object, default_acl) = acl::prepare(object, caller.umask, upper.fd()?.as_fd())?;
         if let NewObject::Special { mode, rdev: 0 } = object
             && mode & libc::S_IFMT == libc::S_IFCHR
         {
@@ -149,12 +147,12 @@ impl Overlay {
             tmp.swap_with(upper, name)?;
             file
         } else {
-            let file = self.make_object(upper.fd(), name, &object, owner, &parent_attr)?;
+            let file = self.make_object(upper.fd()?.as_fd(), name, &object, owner, &parent_attr)?;
             if matches!(object, NewObject::Dir { .. }) && self.is_merged_stack(&stack) {
                 // As kernel overlayfs with redirect_dir: a directory made in a
                 // merged one is opaque, so wherever it moves later it never
                 // merges with a lower directory of the same name.
-                self.mark_opaque(XattrTarget::Entry(upper.fd(), name))?;
+                self.mark_opaque(XattrTarget::Entry(upper.fd()?.as_fd(), name))?;
             }
             file
         };
@@ -232,7 +230,7 @@ impl Overlay {
             NewObject::Link { node } => {
                 let (from_dir, from_name) = self.upper_location(node)?;
                 linkat(
-                    from_dir.top().fd(),
+                    from_dir.top().fd()?.as_fd(),
                     from_name.as_os_str(),
                     dir,
                     name,
@@ -293,7 +291,7 @@ impl Overlay {
                 tmp.swap_with(upper, name).map_err(ctx)?;
             } else {
                 renameat2(
-                    upper.fd(),
+                    upper.fd()?.as_fd(),
                     name,
                     tmp.fd(),
                     tmp.name.as_os_str(),
@@ -309,7 +307,7 @@ impl Overlay {
                 renameat2(
                     tmp.fd(),
                     tmp.name.as_os_str(),
-                    upper.fd(),
+                    upper.fd()?.as_fd(),
                     name,
                     RenameFlags::empty(),
                 )
@@ -317,12 +315,12 @@ impl Overlay {
                 .map_err(ctx)?;
                 tmp.keep = true;
             } else {
-                unlinkat(upper.fd(), name, UnlinkatFlags::NoRemoveDir)
+                unlinkat(upper.fd()?.as_fd(), name, UnlinkatFlags::NoRemoveDir)
                     .sys("unlinkat")
                     .map_err(ctx)?;
             }
         } else {
-            self.make_whiteout(upper.fd(), name).map_err(ctx)?;
+            self.make_whiteout(upper.fd()?.as_fd(), name).map_err(ctx)?;
         }
         if child.remove_name(parent, name) {
             // Other names of the file see its link count drop.
@@ -415,7 +413,7 @@ impl Overlay {
             // made opaque there if that parent is merged.
             if src_attr.is_dir() && src_redirect.is_none() && self.is_merged_stack(&dst_stack) {
                 let (dir, n) = self.upper_location(&src)?;
-                self.mark_opaque(XattrTarget::Entry(dir.top().fd(), &n))?;
+                self.mark_opaque(XattrTarget::Entry(dir.top().fd()?.as_fd(), &n))?;
             }
             if let Some((dnode, dattr)) = &dst
                 && dattr.is_dir()
@@ -423,12 +421,12 @@ impl Overlay {
                 && self.is_merged_stack(&src_stack)
             {
                 let (dir, n) = self.upper_location(dnode)?;
-                self.mark_opaque(XattrTarget::Entry(dir.top().fd(), &n))?;
+                self.mark_opaque(XattrTarget::Entry(dir.top().fd()?.as_fd(), &n))?;
             }
             renameat2(
-                src_dir.fd(),
+                src_dir.fd()?.as_fd(),
                 name,
-                dst_dir.fd(),
+                dst_dir.fd()?.as_fd(),
                 new_name,
                 RenameFlags::RENAME_EXCHANGE,
             )
@@ -440,7 +438,7 @@ impl Overlay {
                 // with a lower one of its new name: kernel overlayfs marks it
                 // opaque, and so does unionfs.
                 let (dir, n) = self.upper_location(&src)?;
-                self.mark_opaque(XattrTarget::Entry(dir.top().fd(), &n))?;
+                self.mark_opaque(XattrTarget::Entry(dir.top().fd()?.as_fd(), &n))?;
             }
             // Every step below leaves an upper that reads as before or after
             // the rename, as kernel overlayfs' own sequence does: a target
@@ -448,7 +446,7 @@ impl Overlay {
             // can in a single atomic step, never moved away first (a crash
             // in between would bring the deleted lower entries back).
             let dst_upper = match nix::sys::stat::fstatat(
-                dst_dir.fd(),
+                dst_dir.fd()?.as_fd(),
                 new_name,
                 AtFlags::AT_SYMLINK_NOFOLLOW,
             ) {
@@ -462,16 +460,16 @@ impl Overlay {
                     // A whiteout: the directory and the whiteout trade places,
                     // and the whiteout goes unless the old name needs one.
                     renameat2(
-                        src_dir.fd(),
+                        src_dir.fd()?.as_fd(),
                         name,
-                        dst_dir.fd(),
+                        dst_dir.fd()?.as_fd(),
                         new_name,
                         RenameFlags::RENAME_EXCHANGE,
                     )
                     .sys("renameat2(exchange with whiteout)")
                     .map_err(ctx)?;
                     if !src_needs_whiteout {
-                        unlinkat(src_dir.fd(), name, UnlinkatFlags::NoRemoveDir)
+                        unlinkat(src_dir.fd()?.as_fd(), name, UnlinkatFlags::NoRemoveDir)
                             .sys("unlinkat(whiteout)")
                             .map_err(ctx)?;
                     }
@@ -490,11 +488,14 @@ impl Overlay {
             }
         }
 
-        // Bring the node table and the lookup cache up to date.
+        // Bring the node table, the directories' ways back to their
+        // descriptors and the lookup cache up to date.
         src.rename(parent, name, &dst_parent, new_name);
+        relocate_upper_dir(&src, &dst_stack, new_name);
         if let Some((dnode, _)) = &dst {
             if mode == RenameMode::Exchange {
                 dnode.rename(new_parent, new_name, &self.node(parent)?, name);
+                relocate_upper_dir(dnode, &src_stack, name);
             } else if dnode.remove_name(new_parent, new_name) {
                 self.invalidate_attr(dnode.id);
             } else {
@@ -519,9 +520,9 @@ impl Overlay {
     ) -> Result<()> {
         if whiteout && self.chardev_whiteouts() {
             match renameat2(
-                src_dir.fd(),
+                src_dir.fd()?.as_fd(),
                 name,
-                dst_dir.fd(),
+                dst_dir.fd()?.as_fd(),
                 new_name,
                 RenameFlags::RENAME_WHITEOUT,
             ) {
@@ -531,15 +532,15 @@ impl Overlay {
             }
         }
         renameat2(
-            src_dir.fd(),
+            src_dir.fd()?.as_fd(),
             name,
-            dst_dir.fd(),
+            dst_dir.fd()?.as_fd(),
             new_name,
             RenameFlags::empty(),
         )
         .sys("renameat2")?;
         if whiteout {
-            self.make_whiteout(src_dir.fd(), name)?;
+            self.make_whiteout(src_dir.fd()?.as_fd(), name)?;
         }
         Ok(())
     }
@@ -555,16 +556,20 @@ impl Overlay {
         name: &OsStr,
         existing: &Attr,
     ) -> Result<()> {
-        let on_disk = open_beneath(dir.fd(), name, OFlag::O_PATH | OFlag::O_DIRECTORY)
+        let on_disk = open_beneath(dir.fd()?.as_fd(), name, OFlag::O_PATH | OFlag::O_DIRECTORY)
             .sys("openat2(target dir)")?;
         if list_dir(on_disk.as_fd())?.is_empty() {
             return Ok(());
         }
         let tmp = TempEntry::new(work);
-        mkdirat(tmp.fd(), tmp.name.as_os_str(), Mode::from_bits_truncate(0o700))
-            .sys("mkdirat(clear empty)")?;
+        mkdirat(
+            tmp.fd(),
+            tmp.name.as_os_str(),
+            Mode::from_bits_truncate(0o700),
+        )
+        .sys("mkdirat(clear empty)")?;
         copy_xattrs(
-            XattrTarget::Entry(dir.fd(), name),
+            XattrTarget::Entry(dir.fd()?.as_fd(), name),
             XattrTarget::Entry(tmp.fd(), &tmp.name),
         )?;
         self.mark_opaque(XattrTarget::Entry(tmp.fd(), &tmp.name))?;
@@ -585,7 +590,8 @@ impl Overlay {
         };
         self.copy_up(&node, data)?;
         let (dir, name) = self.upper_location(&node)?;
-        let dirfd = dir.top().fd();
+        let dirfd = dir.top().fd()?;
+        let dirfd = dirfd.as_fd();
         let ctx = |e: Error| e.with_path(node.path());
         if set.uid.is_some() || set.gid.is_some() {
             fchownat(
@@ -785,7 +791,7 @@ impl Overlay {
             return Ok(stack.top().marks.redirect.as_ref().and_then(|r| r.value()));
         }
         for name in [marker::TRUSTED_REDIRECT, marker::USER_REDIRECT] {
-            let value = sys::get_xattr(XattrTarget::Fd(stack.top().fd()), name)
+            let value = sys::get_xattr(XattrTarget::Fd(stack.top().fd()?.as_fd()), name)
                 .sys("getxattr(redirect)")?;
             if let Some(v) = value.filter(|v| !v.is_empty()) {
                 return Ok(Some(OsStr::from_bytes(&v).to_os_string()));
@@ -802,7 +808,7 @@ impl Overlay {
             marker::USER_REDIRECT
         };
         sys::set_xattr(
-            XattrTarget::Fd(stack.top().fd()),
+            XattrTarget::Fd(stack.top().fd()?.as_fd()),
             name,
             redirect.as_bytes(),
             0,
@@ -868,6 +874,15 @@ impl Overlay {
 
     fn forget_dentry(&self, parent: u64, name: &OsStr) {
         self.dentries.remove(&(parent, name.to_os_string()));
+    }
+}
+
+/// A directory's upper copy moved to `name` in the directory `parent`.
+fn relocate_upper_dir(node: &Node, parent: &DirStack, name: &OsStr) {
+    if let Ok(stack) = node.dir_stack() {
+        stack.layers[0]
+            .lazy_fd()
+            .relocate(parent.layers[0].clone(), name);
     }
 }
 
