@@ -724,14 +724,20 @@ fn killed_call(trace: &str, syscall: &str) -> String {
 // Reading an upper
 
 /// The merged tree as kernel overlayfs and as a fresh unionfs mount show
-/// `upper` over `lower`.
+/// `upper` over `lower`. Kernel overlayfs reads a copy: it writes its own
+/// bookkeeping into an upper it mounts (trusted.overlay.uuid on the root,
+/// origin and impure on merged directories it looks up).
 fn views(lower: &Path, upper: &Path, dir: &Path) -> (Snap, Snap) {
     let kmnt = dir.join("kmnt");
     let kwork = dir.join("kwork");
+    let kupper = dir.join("kupper");
     fs::create_dir_all(&kmnt).unwrap();
-    let _ = fs::remove_dir_all(&kwork);
+    for d in [&kwork, &kupper] {
+        let _ = fs::remove_dir_all(d);
+    }
     fs::create_dir_all(&kwork).unwrap();
-    let kernel = KernelMount::mount(&[lower], Some((upper, &kwork)), &kmnt, "redirect_dir=on");
+    copy_tree(upper, &kupper);
+    let kernel = KernelMount::mount(&[lower], Some((&kupper, &kwork)), &kmnt, "redirect_dir=on");
     let k = snap(&kmnt);
     drop(kernel);
     let umnt = dir.join("umnt");
@@ -751,9 +757,10 @@ struct State {
 
 fn state_of(lower: &Path, dir: &Path) -> State {
     let upper = dir.join("upper");
+    let raw = snap(&upper);
     let (kernel, unionfs) = views(lower, &upper, dir);
     State {
-        raw: snap(&upper),
+        raw,
         kernel,
         unionfs,
     }
