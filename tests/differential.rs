@@ -3,6 +3,13 @@
 //! layers; every result (errno), the merged trees and the upper directories
 //! must agree, and kernel overlayfs must read the upper unionfs wrote.
 //!
+//! Timestamps too: every lower object has one old mtime and a future atime
+//! (`common::set_fixed_times`; relatime leaves such an atime alone on
+//! reads), and utimensat operations set fixed values. In the merged views
+//! and in the uppers, which objects keep those times, and the exact values
+//! set, must match; times set to "now" only match as "now". ctime is not
+//! compared.
+//!
 //! `UNIONFS_DIFF_SEQUENCES` and `UNIONFS_DIFF_SEED` override the defaults.
 
 mod common;
@@ -143,6 +150,8 @@ fn build_lowers(root: &Path) -> Vec<PathBuf> {
     fs::create_dir_all(l1.join("b")).unwrap();
     chardev_whiteout(l1.join("b/h"));
     set_xattr(l1.join("d"), "trusted.overlay.opaque", "y");
+    set_fixed_times(&l1);
+    set_fixed_times(&l2);
     vec![l1, l2]
 }
 
@@ -294,17 +303,25 @@ fn apply(root: &Path, op: &Op) -> String {
             Ok(format!("mode {:o}", fs::metadata(p(path))?.mode()))
         }
         Op::Utimens { path, secs } => {
-            let t = nix::sys::time::TimeSpec::new(*secs, 123_456_789);
+            // The atime in the future, past relatime's reach (see
+            // set_fixed_times), so later reads leave it exact.
+            let atime = FUTURE_ATIME.0 + (*secs - 1_000_000_000);
             nix::sys::stat::utimensat(
                 nix::fcntl::AT_FDCWD,
                 &p(path),
-                &t,
-                &t,
+                &nix::sys::time::TimeSpec::new(atime, 987_654_321),
+                &nix::sys::time::TimeSpec::new(*secs, 123_456_789),
                 nix::sys::stat::UtimensatFlags::NoFollowSymlink,
             )
             .map_err(std::io::Error::from)?;
             let m = fs::symlink_metadata(p(path))?;
-            Ok(format!("mtime {}.{}", m.mtime(), m.mtime_nsec()))
+            Ok(format!(
+                "mtime {}.{} atime {}.{}",
+                m.mtime(),
+                m.mtime_nsec(),
+                m.atime(),
+                m.atime_nsec()
+            ))
         }
         Op::Mkdir { path } => fs::create_dir(p(path)).map(|_| "ok".into()),
         Op::Rmdir { path } => fs::remove_dir(p(path)).map(|_| "ok".into()),
@@ -486,12 +503,37 @@ fn run_sequence(s: &Scratch, lowers: &[PathBuf], seed: u64, len: usize) -> Outco
                 .map(|d| format!("seed {seed} merged tree: {d}")),
         );
     }
+    let our_times = time_marks(&ours.mountpoint);
+    if divergences.is_empty() {
+        let t = diff_time_marks(
+            "unionfs",
+            &our_times,
+            "kernel",
+            &time_marks(&kernel.mountpoint),
+        );
+        divergences.extend(
+            t.into_iter()
+                .map(|d| format!("seed {seed} merged times: {d}")),
+        );
+    }
     let our_tree = snapshot(&ours.mountpoint);
     drop(ours);
     drop(kernel);
     if divergences.is_empty() {
         let u = diff_maps(&upper_snapshot(&ours_u), &upper_snapshot(&kern_u));
         divergences.extend(u.into_iter().map(|d| format!("seed {seed} upper: {d}")));
+    }
+    if divergences.is_empty() {
+        let u = diff_time_marks(
+            "unionfs",
+            &time_marks(&ours_u),
+            "kernel",
+            &time_marks(&kern_u),
+        );
+        divergences.extend(
+            u.into_iter()
+                .map(|d| format!("seed {seed} upper times: {d}")),
+        );
     }
     if divergences.is_empty() {
         // Kernel overlayfs must read the upper unionfs wrote the same way.
@@ -506,6 +548,16 @@ fn run_sequence(s: &Scratch, lowers: &[PathBuf], seed: u64, len: usize) -> Outco
             &snapshot(&again.mountpoint),
         );
         divergences.extend(t.into_iter().map(|d| format!("seed {seed} remount: {d}")));
+        let t = diff_time_marks(
+            "unionfs",
+            &our_times,
+            "kernel-over-unionfs-upper",
+            &time_marks(&again.mountpoint),
+        );
+        divergences.extend(
+            t.into_iter()
+                .map(|d| format!("seed {seed} remount times: {d}")),
+        );
     }
     if !divergences.is_empty() {
         divergences.push(format!("operations of seed {seed}:\n{}", log.join("\n")));

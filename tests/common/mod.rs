@@ -514,3 +514,81 @@ pub fn layer_digest(root: &Path) -> String {
     )));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// The times every lower object gets in timestamp comparisons: an old
+/// mtime, and an atime in the future, which relatime never updates on a
+/// read (it does when atime <= mtime or ctime, or when atime is a day old),
+/// so that reads through either filesystem leave it alone and only a
+/// copy-up that fails to keep it, or an explicit change, shows.
+pub const OLD_MTIME: (i64, i64) = (978_307_200, 0); // 2001-01-01
+pub const FUTURE_ATIME: (i64, i64) = (4_102_444_800, 0); // 2100-01-01
+
+/// Gives every object under `root`, `root` included, OLD_MTIME and
+/// FUTURE_ATIME (symlinks themselves, not their targets).
+pub fn set_fixed_times(root: &Path) {
+    let mut paths = walk(root);
+    paths.push(PathBuf::new());
+    for rel in paths {
+        let path = root.join(rel);
+        nix::sys::stat::utimensat(
+            nix::fcntl::AT_FDCWD,
+            &path,
+            &nix::sys::time::TimeSpec::new(FUTURE_ATIME.0, FUTURE_ATIME.1),
+            &nix::sys::time::TimeSpec::new(OLD_MTIME.0, OLD_MTIME.1),
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        )
+        .unwrap_or_else(|e| panic!("utimensat {path:?}: {e}"));
+    }
+}
+
+/// A time as a comparison sees it: fixed values (before 2010, or in the
+/// far future: the layers' own and those set by utime calls) exactly,
+/// anything else as "now", which differs from run to run.
+pub fn time_class(sec: i64, nsec: i64) -> String {
+    if !(1_262_304_000..4_000_000_000).contains(&sec) {
+        format!("{sec}.{nsec:09}")
+    } else {
+        "now".into()
+    }
+}
+
+/// The mtime and atime class of every object under `root` (itself
+/// included, as ""), without following symlinks.
+pub fn time_marks(root: &Path) -> BTreeMap<PathBuf, String> {
+    let mut paths = walk(root);
+    paths.push(PathBuf::new());
+    paths
+        .into_iter()
+        .map(|rel| {
+            let m = fs::symlink_metadata(root.join(&rel))
+                .unwrap_or_else(|e| panic!("stat {:?}: {e}", root.join(&rel)));
+            let marks = format!(
+                "mtime {} atime {}",
+                time_class(m.mtime(), m.mtime_nsec()),
+                time_class(m.atime(), m.atime_nsec())
+            );
+            (rel, marks)
+        })
+        .collect()
+}
+
+/// Differences between two time-mark maps, one line each.
+pub fn diff_time_marks(
+    left_name: &str,
+    left: &BTreeMap<PathBuf, String>,
+    right_name: &str,
+    right: &BTreeMap<PathBuf, String>,
+) -> Vec<String> {
+    let mut d = Vec::new();
+    for (path, l) in left {
+        match right.get(path) {
+            Some(r) if r != l => d.push(format!("{path:?}: {left_name} {l}, {right_name} {r}")),
+            None => d.push(format!("{path:?}: only in {left_name}")),
+            _ => {}
+        }
+    }
+    for path in right.keys().filter(|p| !left.contains_key(*p)) {
+        d.push(format!("{path:?}: only in {right_name}"));
+    }
+    d
+}
