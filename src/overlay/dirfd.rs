@@ -48,7 +48,8 @@ pub enum Origin {
     },
 }
 
-type Slot = Arc<Mutex<Option<Arc<OwnedFd>>>>;
+type SlotCell = Mutex<Option<Arc<OwnedFd>>>;
+type Slot = Arc<SlotCell>;
 
 /// One directory's descriptor and how to get it back.
 #[derive(Debug)]
@@ -166,7 +167,7 @@ fn walk(root: BorrowedFd<'_>, parts: &[OsString]) -> Result<OwnedFd> {
 pub(crate) struct Budget {
     held: AtomicUsize,
     /// Open slots, oldest first (some may be closed or gone by now).
-    queue: Mutex<VecDeque<Weak<Mutex<Option<Arc<OwnedFd>>>>>>,
+    queue: Mutex<VecDeque<Weak<SlotCell>>>,
     limit: OnceLock<usize>,
 }
 
@@ -218,7 +219,7 @@ impl Budget {
     }
 
     /// Closes `excess` of the oldest open slots.
-    fn evict(&self, queue: &mut VecDeque<Weak<Mutex<Option<Arc<OwnedFd>>>>>, mut excess: usize) {
+    fn evict(&self, queue: &mut VecDeque<Weak<SlotCell>>, mut excess: usize) {
         while excess > 0 {
             let Some(oldest) = queue.pop_front() else {
                 return;
