@@ -131,7 +131,7 @@ impl Overlay {
             )
             .sys("fstatat(copy-up)")
             .map_err(ctx)?;
-            self.copied_up.insert((st.st_dev, st.st_ino), node.id);
+            self.nodes.record_copy_up(st.st_dev, st.st_ino, node.id);
         }
         let new_state = if node.kind == FileKind::Directory {
             let child = resolve::open_dir_layer(&self.layers, &parent_stack.layers[0], &name)

@@ -5,6 +5,7 @@
 pub mod acl;
 pub mod attr;
 pub mod copyup;
+mod dentry;
 pub mod dirfd;
 pub mod error;
 mod files;
@@ -13,14 +14,18 @@ pub mod ino;
 pub mod layer;
 pub mod marker;
 pub mod node;
+mod node_table;
 pub mod readdir;
+mod rename;
 pub mod resolve;
+mod setattr;
 #[cfg(test)]
 mod tests;
 pub mod workdir;
 pub mod write;
 #[cfg(test)]
 mod write_tests;
+mod xattr;
 
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
@@ -28,10 +33,7 @@ use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-use dashmap::DashMap;
-use dashmap::mapref::entry::Entry;
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, readlinkat};
 use nix::sys::stat::{fstat, fstatat};
@@ -40,6 +42,7 @@ use nix::sys::statvfs::{Statvfs, fstatvfs};
 use crate::sys::{self, XattrTarget};
 use attr::Attr;
 pub use attr::FileKind;
+use dentry::{Dentry, DentryCache};
 use error::SysContext;
 pub use error::{Error, Result};
 pub use files::wants_write;
@@ -47,6 +50,7 @@ pub use handles::{DirHandle, Handles, OpenFile};
 use ino::{InoMapper, ROOT_ID};
 use layer::{Layer, open_beneath};
 use node::{DirLayer, DirStack, Location, Node, NodeState};
+use node_table::{Existing, NodeTable};
 pub use readdir::DirEntry;
 use workdir::WorkDir;
 
@@ -80,17 +84,6 @@ enum Backs {
     Other,
 }
 
-/// A cached answer for (parent node, name).
-#[derive(Debug, Clone, Copy)]
-enum Dentry {
-    Positive(u64),
-    Negative,
-}
-
-/// Negative entries are dropped wholesale past this many, which bounds the
-/// cache when something probes many names that do not exist.
-const MAX_NEGATIVE_DENTRIES: usize = 100_000;
-
 /// Where a node's backing object is: a directory (by its own descriptor) or
 /// an entry `name` in one layer's copy of its parent directory.
 enum Backing {
@@ -100,22 +93,13 @@ enum Backing {
 
 pub struct Overlay {
     layers: Vec<Layer>,
-    inos: InoMapper,
-    nodes: DashMap<u64, Arc<Node>>,
-    dentries: DashMap<(u64, OsString), Dentry>,
-    negative_dentries: AtomicUsize,
-    /// Nodes in the table (DashMap's len() would lock every shard).
-    live_nodes: AtomicUsize,
-    /// Largest node count since memory was last handed back.
-    node_peak: AtomicUsize,
+    nodes: NodeTable,
+    dentries: DentryCache,
     /// The root's st_ino (its node id is FUSE's fixed root id).
     root_ino: u64,
     pub handles: Handles,
     work: Option<WorkDir>,
     volatile: bool,
-    /// Upper copies of lower files (dev, ino) -> the merged inode number the
-    /// file had before its copy-up, which it keeps for the life of the mount.
-    copied_up: DashMap<(u64, u64), u64>,
     kernel_cache: std::sync::OnceLock<Box<dyn KernelCache>>,
     /// Set once mknod of a whiteout was refused: whiteouts are then written
     /// in the xattr format.
@@ -158,23 +142,15 @@ impl Overlay {
                 dir: Some(Arc::new(stack)),
             },
         );
-        root.add_lookups(1);
-        let nodes = DashMap::new();
-        nodes.insert(ROOT_ID, Arc::new(root));
         Ok(Overlay {
             layers,
-            inos,
-            nodes,
-            dentries: DashMap::new(),
-            negative_dentries: AtomicUsize::new(0),
-            live_nodes: AtomicUsize::new(1),
-            node_peak: AtomicUsize::new(0),
+            nodes: NodeTable::new(inos, root),
+            dentries: DentryCache::default(),
             root_ino,
             handles: Handles::default(),
             work,
             volatile: config.volatile,
             xattr_whiteouts: std::sync::atomic::AtomicBool::new(false),
-            copied_up: DashMap::new(),
             kernel_cache: std::sync::OnceLock::new(),
         })
     }
@@ -210,7 +186,7 @@ impl Overlay {
     }
 
     pub fn same_fs(&self) -> bool {
-        self.inos.same_fs()
+        self.nodes.same_fs()
     }
 
     /// Number of nodes the kernel currently holds references to.
@@ -220,13 +196,12 @@ impl Overlay {
 
     /// A number no node has, nor will have.
     pub fn fresh_id(&self) -> u64 {
-        self.inos.unique()
+        self.nodes.unique_ino()
     }
 
     pub fn node(&self, id: u64) -> Result<Arc<Node>> {
         self.nodes
-            .get(&id)
-            .map(|n| n.clone())
+            .get(id)
             .ok_or_else(|| Error::new(Errno::ESTALE, "find node"))
     }
 
@@ -235,18 +210,10 @@ impl Overlay {
     /// without touching the layers.
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<(Arc<Node>, Attr)> {
         check_name(name)?;
-        let key = (parent, name.to_os_string());
-        let cached = self.dentries.get(&key).map(|d| *d);
-        match cached {
+        match self.dentries.get(parent, name) {
             Some(Dentry::Negative) => return Err(Error::new(Errno::ENOENT, "lookup")),
             Some(Dentry::Positive(id)) => {
-                let hit = self.nodes.get(&id).map(|node| {
-                    // Taken under the table's shard lock, so a concurrent
-                    // forget cannot drop the node between get and increment.
-                    node.add_lookups(1);
-                    node.clone()
-                });
-                if let Some(node) = hit {
+                if let Some(node) = self.nodes.take_ref(id) {
                     let attr = self.node_attr(&node)?;
                     return Ok((node, attr));
                 }
@@ -258,11 +225,12 @@ impl Overlay {
         let resolved = resolve::resolve_child(&self.layers, &stack, name)
             .map_err(|e| e.with_path(join(&parent_node.path(), name)))?;
         let Some(resolved) = resolved else {
-            self.insert_negative(key);
+            self.dentries.insert_negative(parent, name.to_os_string());
             return Err(Error::new(Errno::ENOENT, "lookup"));
         };
         let (node, fresh) = self.intern(&parent_node, name, resolved);
-        self.dentries.insert(key, Dentry::Positive(node.id));
+        self.dentries
+            .insert_positive(parent, name.to_os_string(), node.id);
         // A node made just now has the stat the resolution took; an existing
         // one may hold attributes from before a copy-up.
         let attr = if fresh {
@@ -271,15 +239,6 @@ impl Overlay {
             self.node_attr(&node)?
         };
         Ok((node, attr))
-    }
-
-    fn insert_negative(&self, key: (u64, OsString)) {
-        if self.negative_dentries.fetch_add(1, Ordering::Relaxed) >= MAX_NEGATIVE_DENTRIES {
-            self.dentries
-                .retain(|_, d| matches!(d, Dentry::Positive(_)));
-            self.negative_dentries.store(0, Ordering::Relaxed);
-        }
-        self.dentries.insert(key, Dentry::Negative);
     }
 
     /// Finds or creates the node for a resolved name, with one reference.
@@ -292,72 +251,63 @@ impl Overlay {
         resolved: resolve::Resolved,
     ) -> (Arc<Node>, bool) {
         let kind = resolved.attr.kind();
-        let mut id = self.ino_of(resolved.origin.0, resolved.origin.1);
-        loop {
-            match self.nodes.entry(id) {
-                Entry::Occupied(mut existing) => {
-                    let node = existing.get();
-                    // The number may have been reused: the file the node
-                    // stood for is gone (or going, as an unlink in another
-                    // directory races this lookup).
-                    let hard_link = kind != FileKind::Directory && node.kind == kind;
-                    let elsewhere = hard_link && !node.is_at(parent.id, name);
-                    let primary = if elsewhere {
-                        self.primary_name_backs(node, &resolved.attr)
-                    } else {
-                        Backs::Same
-                    };
-                    let reused = node.is_unlinked() || primary == Backs::Gone;
-                    if reused {
-                        // The backing inode number was reused after an
-                        // unlink: same id, next generation. References the
-                        // kernel still holds on the old inode carry over, so
-                        // its eventual FORGET balances.
-                        let fresh = Arc::new(self.new_node(
-                            id,
-                            node.generation + 1,
-                            parent,
-                            name,
-                            resolved,
-                        ));
-                        fresh.add_lookups(node.lookups() + 1);
-                        existing.insert(fresh.clone());
-                        return (fresh, true);
-                    }
-                    // Hard links share a node; two different directories, or
-                    // objects of different types, never may.
-                    let alias_ok = node.kind == kind
-                        && (kind != FileKind::Directory || node.is_at(parent.id, name))
-                        && primary == Backs::Same;
-                    if alias_ok {
-                        node.add_lookups(1);
-                        if kind != FileKind::Directory && !node.is_at(parent.id, name) {
-                            node.add_alias(parent, name);
-                        }
-                        return (node.clone(), false);
-                    }
-                    drop(existing);
-                    id = self.inos.unique();
-                }
-                Entry::Vacant(slot) => {
-                    let node = Arc::new(self.new_node(id, 0, parent, name, resolved));
-                    node.add_lookups(1);
-                    slot.insert(node.clone());
-                    let live = self.live_nodes.fetch_add(1, Ordering::Relaxed) + 1;
-                    self.node_peak.fetch_max(live, Ordering::Relaxed);
-                    return (node, true);
-                }
+        let id = self.nodes.ino_of(resolved.origin.0, resolved.origin.1);
+        let judge = |node: &Arc<Node>| {
+            // The number may have been reused: the file the node stood for
+            // is gone (or going, as an unlink in another directory races
+            // this lookup).
+            let hard_link = kind != FileKind::Directory && node.kind == kind;
+            let elsewhere = hard_link && !node.is_at(parent.id, name);
+            let primary = if elsewhere {
+                self.primary_name_backs(node, &resolved.attr)
+            } else {
+                Backs::Same
+            };
+            if node.is_unlinked() || primary == Backs::Gone {
+                return Existing::Replace;
             }
+            // Hard links share a node; two different directories, or
+            // objects of different types, never may.
+            let same_object = node.kind == kind
+                && (kind != FileKind::Directory || node.is_at(parent.id, name))
+                && primary == Backs::Same;
+            if same_object {
+                Existing::Share
+            } else {
+                Existing::Skip
+            }
+        };
+        let make = |id, generation| self.new_node(id, generation, parent, name, &resolved);
+        let (node, fresh) = self.nodes.intern(id, judge, make);
+        if !fresh && kind != FileKind::Directory && !node.is_at(parent.id, name) {
+            node.add_alias(parent, name);
         }
+        (node, fresh)
     }
 
-    /// The merged inode number of a backing object: its mapped number, or
-    /// for the upper copy of a lower file the number it had before.
-    fn ino_of(&self, dev: u64, ino: u64) -> u64 {
-        match self.copied_up.get(&(dev, ino)) {
-            Some(id) => *id,
-            None => self.inos.map(dev, ino),
-        }
+    /// Resolves `name` in `parent` for the core's own use (remove, rename):
+    /// the node keeps one reference while the operation runs, given back
+    /// when the guard is dropped.
+    pub(crate) fn peek(&self, parent: u64, name: &OsStr) -> Result<Peeked<'_>> {
+        let (node, attr) = self.lookup(parent, name)?;
+        Ok(Peeked {
+            overlay: self,
+            node,
+            attr,
+        })
+    }
+
+    /// Records `parent/name` as one more name of `node` (a new hard link),
+    /// with one kernel reference for the new name.
+    fn add_name(&self, node: &Arc<Node>, parent: &Arc<Node>, name: &OsStr) -> Result<Arc<Node>> {
+        let node = self
+            .nodes
+            .take_ref(node.id)
+            .ok_or_else(|| Error::new(Errno::ESTALE, "link").with_path(node.path()))?;
+        node.add_alias(parent, name);
+        self.dentries
+            .insert_positive(parent.id, name.to_os_string(), node.id);
+        Ok(node)
     }
 
     /// What the node's primary name leads to now, compared with the backing
@@ -384,7 +334,7 @@ impl Overlay {
         generation: u64,
         parent: &Arc<Node>,
         name: &OsStr,
-        resolved: resolve::Resolved,
+        resolved: &resolve::Resolved,
     ) -> Node {
         let merged = resolved.dir.as_ref().is_some_and(|d| d.is_merged());
         Node::with_generation(
@@ -394,7 +344,7 @@ impl Overlay {
             NodeState {
                 layer: resolved.layer,
                 attr: merged_attr(resolved.attr, id, merged),
-                dir: resolved.dir.map(Arc::new),
+                dir: resolved.dir.clone().map(Arc::new),
             },
         )
     }
@@ -404,39 +354,18 @@ impl Overlay {
         if id == ROOT_ID {
             return;
         }
-        let remaining = match self.nodes.get(&id) {
-            Some(node) => node.sub_lookups(n),
-            None => return,
-        };
-        if remaining > 0 {
+        let Some(node) = self.nodes.forget(id, n) else {
             return;
+        };
+        if let Some(parent) = node.parent() {
+            self.dentries
+                .remove_if_points_to(parent.id, node.name(), id);
         }
-        if let Some((_, node)) = self.nodes.remove_if(&id, |_, node| node.lookups() == 0)
-            && let Some(parent) = node.parent()
-        {
-            self.dentries.remove_if(
-                &(parent.id, node.name()),
-                |_, d| matches!(d, Dentry::Positive(cached) if *cached == id),
-            );
-            drop(node);
-            self.live_nodes.fetch_sub(1, Ordering::Relaxed);
-            self.maybe_release_memory();
-        }
-    }
-
-    /// After the kernel forgets a large part of the tree, return the freed
-    /// memory to the system so RSS follows the node count back down.
-    fn maybe_release_memory(&self) {
-        const MIN_DROP: usize = 50_000;
-        let len = self.live_nodes.load(Ordering::Relaxed);
-        let peak = self.node_peak.load(Ordering::Relaxed);
-        if peak >= len + MIN_DROP && len < peak / 2 {
-            tracing::debug!(peak, now = len, "nodes forgotten; releasing memory");
-            self.node_peak.store(len, Ordering::Relaxed);
-            if len < MIN_DROP {
-                self.dentries.shrink_to_fit();
-                self.nodes.shrink_to_fit();
-            }
+        drop(node);
+        // After the kernel forgets a large part of the tree, RSS should
+        // follow the node count back down.
+        if self.nodes.shrank_a_lot() {
+            self.dentries.shrink_to_fit();
             sys::release_free_memory();
         }
     }
@@ -591,6 +520,26 @@ impl Overlay {
         fstatvfs(self.layers[0].root.as_fd())
             .sys("fstatvfs")
             .map_err(|e| e.with_layer(0))
+    }
+}
+
+/// A node resolved by `Overlay::peek`, holding one reference until dropped.
+pub(crate) struct Peeked<'a> {
+    overlay: &'a Overlay,
+    pub node: Arc<Node>,
+    pub attr: Attr,
+}
+
+impl std::ops::Deref for Peeked<'_> {
+    type Target = Arc<Node>;
+    fn deref(&self) -> &Arc<Node> {
+        &self.node
+    }
+}
+
+impl Drop for Peeked<'_> {
+    fn drop(&mut self) {
+        self.overlay.forget(self.node.id, 1);
     }
 }
 

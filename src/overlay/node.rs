@@ -112,7 +112,7 @@ impl Drop for DirLayer {
 
 /// The layers of a merged directory, topmost first. Layers below an opaque
 /// directory, a whiteout or a non-directory are not in it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct DirStack {
     pub layers: Vec<Arc<DirLayer>>,
 }

@@ -60,7 +60,7 @@ impl Overlay {
             name: OsString::from(".."),
             ino: self
                 .nodes
-                .get(&parent_id)
+                .get(parent_id)
                 .map(|p| p.state().attr.ino)
                 .unwrap_or(parent_id),
             kind: FileKind::Directory,
@@ -133,19 +133,20 @@ impl Overlay {
     /// Takes the entry and gives its name back, so that looking the name up
     /// in the dentry cache costs no copy of it.
     fn entry_ino(&self, dir_id: u64, stack: &super::node::DirStack, p: Pending) -> (u64, OsString) {
-        let key = (dir_id, p.name);
-        let cached = self.dentries.get(&key).map(|d| *d);
-        let (_, name) = key;
+        let (cached, (_, name)) = self.dentries.get_keyed((dir_id, p.name));
         if let Some(Dentry::Positive(id)) = cached
-            && self.nodes.contains_key(&id)
+            && self.nodes.contains(id)
         {
             return (id, name);
         }
-        let own = self.ino_of(self.layers[p.top_layer].dev, p.top_ino);
+        let own = self.nodes.ino_of(self.layers[p.top_layer].dev, p.top_ino);
         if p.kind == FileKind::Directory && self.layers[p.top_layer].upper {
             match resolve::resolve_child(&self.layers, stack, &name) {
                 Ok(Some(resolved)) => {
-                    return (self.ino_of(resolved.origin.0, resolved.origin.1), name);
+                    return (
+                        self.nodes.ino_of(resolved.origin.0, resolved.origin.1),
+                        name,
+                    );
                 }
                 Ok(None) => {}
                 // A directory a lookup fails on (a bad redirect) still lists,

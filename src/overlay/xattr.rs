@@ -1,0 +1,42 @@
+//! Extended attributes set or removed through the merged tree: the object
+//! is copied up first; overlay-private names are never reachable.
+
+use std::ffi::{CString, OsStr};
+use std::os::unix::ffi::OsStrExt;
+
+use nix::errno::Errno;
+
+use super::Overlay;
+use super::copyup::CopyData;
+use super::error::{Error, Result};
+use super::marker;
+use crate::sys;
+
+impl Overlay {
+    pub fn setxattr(&self, id: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        let cname = private_checked(name, "setxattr")?;
+        let node = self.node(id)?;
+        self.copy_up(&node, CopyData::All)?;
+        self.with_xattr_target(
+            &node,
+            |t| sys::set_xattr(t, &cname, value, flags),
+            "setxattr",
+        )
+    }
+
+    pub fn removexattr(&self, id: u64, name: &OsStr) -> Result<()> {
+        let cname = private_checked(name, "removexattr")?;
+        let node = self.node(id)?;
+        // Nothing to copy up for an xattr the object does not have.
+        self.getxattr(id, name)?;
+        self.copy_up(&node, CopyData::All)?;
+        self.with_xattr_target(&node, |t| sys::remove_xattr(t, &cname), "removexattr")
+    }
+}
+
+fn private_checked(name: &OsStr, op: &'static str) -> Result<CString> {
+    if marker::is_private_xattr(name.as_bytes()) {
+        return Err(Error::new(Errno::EPERM, op));
+    }
+    CString::new(name.as_bytes()).map_err(|_| Error::new(Errno::EINVAL, op))
+}
