@@ -11,6 +11,8 @@ use std::path::Path;
 use std::process::Command;
 
 use common::*;
+use nix::fcntl::{FcntlArg, fcntl};
+use nix::unistd::{Whence, lseek};
 
 /// Layers exercising every kernel-format rule: shadowing, merging, whiteouts,
 /// opaque dirs, type changes between layers, links, xattrs, special files.
@@ -363,18 +365,12 @@ fn reads_seeks_holes_mmap_and_locks() {
     assert_eq!(&buf[..], &data[1_234_567..1_234_567 + 4096]);
 
     // SEEK_DATA / SEEK_HOLE see the lower file's hole.
-    let script = format!(
-        "import os\nfd=os.open('{}',os.O_RDONLY)\nprint(os.lseek(fd,0,os.SEEK_DATA), os.lseek(fd,0,os.SEEK_HOLE))",
-        m.path("sparse").display()
-    );
-    let out = sh(Command::new("python3").arg("-c").arg(&script));
-    let answer = String::from_utf8_lossy(&out.stdout);
-    let nums: Vec<u64> = answer
-        .split_whitespace()
-        .map(|n| n.parse().unwrap())
-        .collect();
+    let sparse = fs::File::open(m.path("sparse")).unwrap();
+    let nums =
+        [Whence::SeekData, Whence::SeekHole].map(|whence| lseek(&sparse, 0, whence).unwrap());
     assert_eq!(nums[0], 8 << 20, "SEEK_DATA skips the hole");
     assert_eq!(nums[1], 0, "SEEK_HOLE finds the hole at 0");
+    drop(sparse);
 
     // mmap of a lower file.
     let script = format!(
@@ -388,30 +384,21 @@ fn reads_seeks_holes_mmap_and_locks() {
         .collect();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), expected);
 
-    // flock and fcntl locks are enforced between processes.
-    let script = format!(
-        "import fcntl,os,sys\n\
-         f=open('{p}','rb')\nfcntl.flock(f,fcntl.LOCK_SH)\n\
-         g=open('{p}','rb')\n\
-         pid=os.fork()\n\
-         if pid==0:\n  h=open('{p}','rb')\n  \
-           try:\n    fcntl.flock(h,fcntl.LOCK_EX|fcntl.LOCK_NB); os._exit(1)\n  \
-           except BlockingIOError: os._exit(0)\n\
-         _,st=os.waitpid(pid,0)\nsys.exit(os.WEXITSTATUS(st))",
-        p = m.path("big").display()
-    );
-    sh(Command::new("python3").arg("-c").arg(&script));
-    let script = format!(
-        "import fcntl,os,sys\n\
-         f=open('{p}','rb')\nfcntl.lockf(f,fcntl.LOCK_SH,0,0)\n\
-         pid=os.fork()\n\
-         if pid==0:\n  h=open('{p}','rb')\n  \
-           try:\n    fcntl.lockf(h,fcntl.LOCK_SH|fcntl.LOCK_NB); os._exit(0)\n  \
-           except OSError: os._exit(1)\n\
-         _,st=os.waitpid(pid,0)\nsys.exit(os.WEXITSTATUS(st))",
-        p = m.path("big").display()
-    );
-    sh(Command::new("python3").arg("-c").arg(&script));
+    // flock and fcntl locks are enforced between processes: with a shared
+    // flock held here, another process's exclusive one would block; with
+    // a shared fcntl lock held here, another process gets one too.
+    let f = fs::File::open(m.path("big")).unwrap();
+    f.lock_shared().unwrap();
+    let g = fs::File::open(m.path("big")).unwrap();
+    sh(&mut helper(
+        HelperOp::FlockExclusiveNonblocking,
+        m.path("big"),
+    ));
+    drop((f, g));
+    let f = fs::File::open(m.path("big")).unwrap();
+    fcntl(&f, FcntlArg::F_SETLKW(&read_lock_whole_file())).unwrap();
+    sh(&mut helper(HelperOp::LockfSharedNonblocking, m.path("big")));
+    drop(f);
 
     // statfs answers, and a read-only mount refuses writes.
     sh(Command::new("df").arg(&m.mountpoint));
@@ -497,4 +484,10 @@ fn sigterm_unmounts_cleanly() {
             .map(|st| st.rsplit(')').next().unwrap().trim_start().starts_with('Z'))
             .unwrap_or(true)
     });
+}
+
+/// The helper processes the tests above start (see `common::helper`).
+#[test]
+fn child_helper() {
+    helper_main();
 }

@@ -268,17 +268,19 @@ fn special_files_sync_and_fallocate() {
         fs::metadata(upper.join("null")).unwrap().rdev(),
         libc::makedev(1, 3)
     );
-    let script = format!(
-        "import os\nfd=os.open('{p}',os.O_RDWR)\nos.posix_fallocate(fd,0,1<<20)\nos.fsync(fd)\nos.fdatasync(fd)\n\
-         os.sync()\nd=os.open('{d}',os.O_RDONLY)\nos.fsync(d)\nprint(os.fstat(fd).st_size)",
-        p = m.path("f").display(),
-        d = m.mountpoint.display()
-    );
-    let out = sh(Command::new("python3").arg("-c").arg(&script));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        (1 << 20).to_string()
-    );
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.path("f"))
+        .unwrap();
+    nix::fcntl::posix_fallocate(&f, 0, 1 << 20).unwrap();
+    f.sync_all().unwrap();
+    f.sync_data().unwrap();
+    nix::unistd::sync();
+    let d = fs::File::open(&m.mountpoint).unwrap();
+    d.sync_all().unwrap();
+    assert_eq!(nix::sys::stat::fstat(&f).unwrap().st_size, 1 << 20);
+    drop((f, d));
     // Private xattrs cannot be set through the mount.
     let out = run(Command::new("setfattr")
         .args(["-n", "trusted.overlay.opaque", "-v", "y"])
@@ -303,12 +305,7 @@ fn sigkill_during_copy_up_leaves_old_or_new_never_partial() {
     let pid = m.daemon_pid().expect("daemon pid");
     // The writer runs in a child process: its open is cut off when the
     // daemon dies, and must not take the test down with it.
-    let mut writer = Command::new("python3")
-        .arg("-c")
-        .arg(format!(
-            "import os\nos.open('{}', os.O_WRONLY)",
-            m.path("huge").display()
-        ))
+    let mut writer = helper(HelperOp::OpenWrite, m.path("huge"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -511,37 +508,6 @@ fn a_long_copy_up_does_not_block_other_files() {
 /// on kernel overlayfs; root keeps the bits; file capabilities go on write.
 #[test]
 fn set_id_bits_and_capabilities_drop_as_on_kernel_overlayfs() {
-    const SCRIPT: &str = r#"
-import os, struct, subprocess, sys
-os.chdir(sys.argv[1])
-caps = struct.pack("<5I", 0x02000001, 1 << 13, 0, 0, 0)
-def as_nobody(code):
-    subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                    sys.executable, "-c", code], check=True)
-for where in ("lower", "new"):
-    for case in ("write", "truncate", "otrunc", "rootwrite", "caps"):
-        for mode in (0o4777, 0o2777, 0o6777, 0o2767):
-            f = f"{where}-{case}-{mode:o}"
-            if where == "new":
-                with open(f, "w") as out:
-                    out.write("data\n")
-            os.chmod(f, mode)
-            if case == "caps":
-                os.setxattr(f, "security.capability", caps)
-                with open(f, "a") as out:
-                    out.write("x")
-            elif case == "write":
-                as_nobody(f"open({f!r}, 'a').write('x')")
-            elif case == "truncate":
-                as_nobody(f"import os; os.truncate({f!r}, 2)")
-            elif case == "otrunc":
-                as_nobody(f"open({f!r}, 'w').write('x')")
-            else:
-                with open(f, "a") as out:
-                    out.write("x")
-            has_caps = "security.capability" in os.listxattr(f)
-            print(f, oct(os.stat(f).st_mode & 0o7777), os.stat(f).st_size, has_caps)
-"#;
     let s = Scratch::new();
     let lower = s.mkdir("lower");
     for case in ["write", "truncate", "otrunc", "rootwrite", "caps"] {
@@ -550,11 +516,7 @@ for where in ("lower", "new"):
         }
     }
     let digest = layer_digest(&lower);
-    let run_on = |root: &std::path::Path| {
-        let out = sh(Command::new("python3").arg("-c").arg(SCRIPT).arg(root));
-        String::from_utf8(out.stdout).unwrap()
-    };
-    let (expected, got) = on_kernel_then_unionfs(&s, &lower, "", run_on);
+    let (expected, got) = on_kernel_then_unionfs(&s, &lower, "", set_id_cases);
     assert_eq!(got.lines().count(), 40, "{got}");
     assert!(expected.contains("new-write-4777 0o777 "), "{expected}");
     assert_eq!(
@@ -562,6 +524,88 @@ for where in ("lower", "new"):
         "unionfs (left) and kernel overlayfs (right) differ"
     );
     assert_eq!(layer_digest(&lower), digest, "lower changed");
+}
+
+/// Each case of `set_id_bits_and_capabilities_drop_as_on_kernel_overlayfs`
+/// on the filesystem mounted at `root`, one line per file: its name, mode
+/// (set-id bits and permissions, as Python's `oct`), size, and whether it
+/// still has file capabilities. The unprivileged operations run in a helper
+/// process as nobody (uid and gid 65534, no supplementary groups).
+fn set_id_cases(root: &std::path::Path) -> String {
+    use std::os::fd::AsFd;
+    use unionfs::sys::{XattrTarget, list_xattr, set_xattr};
+    // CAP_NET_RAW, permitted, effective (a VFS_CAP_REVISION_2 blob).
+    let caps: Vec<u8> = [0x0200_0001u32, 1 << 13, 0, 0, 0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let dir = nix::fcntl::open(
+        root,
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY,
+        nix::sys::stat::Mode::empty(),
+    )
+    .unwrap();
+    let as_nobody = |op: HelperOp, name: &str| {
+        let out = helper_as_user_in(root, 65534, 65534, op, name);
+        assert!(
+            out.status.success(),
+            "{op:?} {name} as nobody: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let append_x = |path: &std::path::Path| {
+        fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+            .unwrap()
+            .write_all(b"x")
+            .unwrap();
+    };
+    let mut lines = String::new();
+    for place in ["lower", "new"] {
+        for case in ["write", "truncate", "otrunc", "rootwrite", "caps"] {
+            for mode in [0o4777, 0o2777, 0o6777, 0o2767] {
+                let name = format!("{place}-{case}-{mode:o}");
+                let path = root.join(&name);
+                if place == "new" {
+                    fs::File::create(&path)
+                        .unwrap()
+                        .write_all(b"data\n")
+                        .unwrap();
+                }
+                chmod(&path, mode);
+                match case {
+                    "caps" => {
+                        set_xattr(
+                            XattrTarget::Entry(dir.as_fd(), name.as_ref()),
+                            c"security.capability",
+                            &caps,
+                            0,
+                        )
+                        .unwrap();
+                        append_x(&path);
+                    }
+                    "write" => as_nobody(HelperOp::AppendX, &name),
+                    "truncate" => as_nobody(HelperOp::Truncate2, &name),
+                    "otrunc" => as_nobody(HelperOp::TruncateAndWriteX, &name),
+                    _ => append_x(&path),
+                }
+                let names = list_xattr(XattrTarget::Entry(dir.as_fd(), name.as_ref())).unwrap();
+                let has_caps = names
+                    .split(|b| *b == 0)
+                    .any(|n| n == b"security.capability");
+                let meta = fs::metadata(&path).unwrap();
+                lines.push_str(&format!(
+                    "{name} {:#o} {} {}\n",
+                    meta.mode() & 0o7777,
+                    meta.size(),
+                    if has_caps { "True" } else { "False" }
+                ));
+            }
+        }
+    }
+    lines
 }
 
 /// `-o passthrough=all`: lower files are read through the kernel's backing
@@ -735,4 +779,10 @@ fn passthrough_all_never_hands_a_writer_the_lower_file() {
         digest,
         "the writer reached the lower layer"
     );
+}
+
+/// The helper processes the tests above start (see `common::helper`).
+#[test]
+fn child_helper() {
+    helper_main();
 }

@@ -19,8 +19,13 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Runs a command with a deadline; kills it if it does not finish. Output
 /// is drained by threads so a chatty command cannot block on a full pipe.
 pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
+    run_with_stdin(cmd, Stdio::null(), timeout)
+}
+
+/// `run_with_timeout` with `stdin` as the command's standard input.
+pub fn run_with_stdin(cmd: &mut Command, stdin: Stdio, timeout: Duration) -> Output {
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -591,4 +596,149 @@ pub fn diff_time_marks(
         d.push(format!("{path:?}: only in {right_name}"));
     }
     d
+}
+
+/// A helper process: this test binary run again to do one operation and
+/// exit, for what a test needs done by a process of its own (a lock owner
+/// other than the test, another user, a caller that may be cut off). Each
+/// test binary that uses it has a test named `child_helper` calling
+/// `helper_main`, which does nothing in an ordinary run.
+const HELPER_OP: &str = "UNIONFS_TEST_HELPER_OP";
+const HELPER_PATH: &str = "UNIONFS_TEST_HELPER_PATH";
+/// Set when the helper's standard input is the directory to work in.
+const HELPER_CWD_IS_STDIN: &str = "UNIONFS_TEST_HELPER_CWD_IS_STDIN";
+
+/// The helper's operations; each opens as Python's `open`/`os.open` does
+/// (O_CLOEXEC, mode 0666 when creating). The exit status is 0 when the
+/// operation had the expected outcome.
+#[derive(Debug, Clone, Copy)]
+pub enum HelperOp {
+    /// open(O_RDONLY), flock(LOCK_EX | LOCK_NB): expected to fail with
+    /// EWOULDBLOCK.
+    FlockExclusiveNonblocking,
+    /// open(O_RDONLY), fcntl(F_SETLK, F_RDLCK over the whole file), as
+    /// Python's `lockf(LOCK_SH | LOCK_NB)`: expected to succeed.
+    LockfSharedNonblocking,
+    /// open(O_WRONLY).
+    OpenWrite,
+    /// open(O_WRONLY | O_CREAT | O_APPEND), write("x").
+    AppendX,
+    /// truncate(path, 2).
+    Truncate2,
+    /// open(O_WRONLY | O_CREAT | O_TRUNC), write("x").
+    TruncateAndWriteX,
+}
+
+impl HelperOp {
+    const ALL: [HelperOp; 6] = [
+        HelperOp::FlockExclusiveNonblocking,
+        HelperOp::LockfSharedNonblocking,
+        HelperOp::OpenWrite,
+        HelperOp::AppendX,
+        HelperOp::Truncate2,
+        HelperOp::TruncateAndWriteX,
+    ];
+
+    fn name(self) -> String {
+        format!("{self:?}")
+    }
+
+    /// Does the operation; Ok when it had the expected outcome.
+    fn perform(self, path: &Path) -> Result<(), String> {
+        use std::io::Write;
+        let open =
+            |opts: &mut fs::OpenOptions| opts.open(path).map_err(|e| format!("open {path:?}: {e}"));
+        match self {
+            HelperOp::FlockExclusiveNonblocking => {
+                let f = open(fs::OpenOptions::new().read(true))?;
+                match f.try_lock() {
+                    Err(fs::TryLockError::WouldBlock) => Ok(()),
+                    Ok(()) => Err("flock(LOCK_EX | LOCK_NB) was granted".into()),
+                    Err(e) => Err(format!("flock: {e}")),
+                }
+            }
+            HelperOp::LockfSharedNonblocking => {
+                let f = open(fs::OpenOptions::new().read(true))?;
+                nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_SETLK(&read_lock_whole_file()))
+                    .map(drop)
+                    .map_err(|e| format!("fcntl(F_SETLK, F_RDLCK): {e}"))
+            }
+            HelperOp::OpenWrite => open(fs::OpenOptions::new().write(true)).map(drop),
+            HelperOp::AppendX => open(fs::OpenOptions::new().append(true).create(true))?
+                .write_all(b"x")
+                .map_err(|e| format!("write: {e}")),
+            HelperOp::Truncate2 => {
+                nix::unistd::truncate(path, 2).map_err(|e| format!("truncate: {e}"))
+            }
+            HelperOp::TruncateAndWriteX => open(
+                fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true),
+            )?
+            .write_all(b"x")
+            .map_err(|e| format!("write: {e}")),
+        }
+    }
+}
+
+/// The lock Python's `fcntl.lockf(f, LOCK_SH, 0, 0)` asks for: a read lock
+/// from offset 0 to the end of the file, whatever its size.
+pub fn read_lock_whole_file() -> libc::flock {
+    libc::flock {
+        l_type: libc::F_RDLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    }
+}
+
+/// A command running `op` on `path` in a helper process. /proc/self/exe,
+/// not this binary's path, so that a helper switched to another user
+/// reaches it whatever the permissions of the directories above it.
+pub fn helper(op: HelperOp, path: impl AsRef<Path>) -> Command {
+    let mut cmd = Command::new("/proc/self/exe");
+    cmd.args(["--exact", "child_helper", "--nocapture", "--test-threads=1"])
+        .env(HELPER_OP, op.name())
+        .env(HELPER_PATH, path.as_ref());
+    cmd
+}
+
+/// Runs `op` on `name` in a helper process as user `uid` and group `gid`
+/// without supplementary groups (as `setpriv --reuid --regid
+/// --clear-groups`), working in `dir`: the directory, opened here, is its
+/// standard input and it changes into it, so that it need not be able to
+/// reach `dir` by path (scratch directories are private to root).
+pub fn helper_as_user_in(dir: &Path, uid: u32, gid: u32, op: HelperOp, name: &str) -> Output {
+    use std::os::unix::process::CommandExt;
+    let dir_fd = fs::File::open(dir).unwrap_or_else(|e| panic!("open {dir:?}: {e}"));
+    let mut cmd = helper(op, name);
+    cmd.uid(uid).gid(gid).env(HELPER_CWD_IS_STDIN, "1");
+    run_with_stdin(&mut cmd, Stdio::from(dir_fd), COMMAND_TIMEOUT)
+}
+
+/// The helper's side, called from each test binary's `child_helper` test:
+/// in a helper process it does the operation and exits with its outcome;
+/// anywhere else it returns at once.
+pub fn helper_main() {
+    let Some(op) = std::env::var_os(HELPER_OP) else {
+        return;
+    };
+    let op = HelperOp::ALL
+        .into_iter()
+        .find(|o| std::ffi::OsStr::new(&o.name()) == op)
+        .unwrap_or_else(|| panic!("unknown helper operation {op:?}"));
+    let path = PathBuf::from(std::env::var_os(HELPER_PATH).expect("helper path"));
+    if std::env::var_os(HELPER_CWD_IS_STDIN).is_some() {
+        nix::unistd::fchdir(std::io::stdin()).expect("fchdir to the helper's standard input");
+    }
+    let code = match op.perform(&path) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("helper {op:?} {path:?}: {e}");
+            1
+        }
+    };
+    std::process::exit(code);
 }
