@@ -25,6 +25,8 @@ pub mod workdir;
 pub mod write;
 #[cfg(test)]
 mod write_tests;
+#[cfg(test)]
+mod write_ops_tests;
 mod xattr;
 
 use std::ffi::{CString, OsStr, OsString};
