@@ -11,8 +11,8 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
-pub mod fuse;
+pub(crate) mod fuse;
 pub mod mountinfo;
-pub mod overlay;
-pub mod readahead;
+pub(crate) mod overlay;
+pub(crate) mod readahead;
 pub mod sys;

@@ -3,7 +3,6 @@
 //! request handler they could wait on locks the kernel holds for that very
 //! request.
 
-use std::ffi::{OsStr, OsString};
 use std::sync::mpsc::{Sender, channel};
 
 use fuser::{INodeNo, Notifier};
@@ -13,7 +12,6 @@ use crate::overlay::KernelCache;
 
 enum Invalidation {
     Attr(u64),
-    Entry(u64, OsString),
 }
 
 pub struct AsyncNotifier {
@@ -30,9 +28,6 @@ impl AsyncNotifier {
                     // ENOENT: the kernel does not hold that node or name.
                     let _ = match item {
                         Invalidation::Attr(id) => notifier.inval_inode(INodeNo(id), -1, 0),
-                        Invalidation::Entry(parent, name) => {
-                            notifier.inval_entry(INodeNo(parent), &name)
-                        }
                     };
                 }
             })?;
@@ -45,12 +40,5 @@ impl AsyncNotifier {
 impl KernelCache for AsyncNotifier {
     fn invalidate_attr(&self, id: u64) {
         let _ = self.queue.lock().send(Invalidation::Attr(id));
-    }
-
-    fn invalidate_entry(&self, parent: u64, name: &OsStr) {
-        let _ = self
-            .queue
-            .lock()
-            .send(Invalidation::Entry(parent, name.to_os_string()));
     }
 }

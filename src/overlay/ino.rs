@@ -40,6 +40,7 @@ impl InoMapper {
         }
     }
 
+    #[cfg(test)]
     pub fn same_fs(&self) -> bool {
         self.same_fs
     }

@@ -24,9 +24,9 @@ mod tests;
 pub mod workdir;
 pub mod write;
 #[cfg(test)]
-mod write_tests;
-#[cfg(test)]
 mod write_ops_tests;
+#[cfg(test)]
+mod write_tests;
 mod xattr;
 
 use std::ffi::{CString, OsStr, OsString};
@@ -48,12 +48,11 @@ use dentry::{Dentry, DentryCache};
 use error::SysContext;
 pub use error::{Error, Result};
 pub use files::wants_write;
-pub use handles::{DirHandle, Handles, OpenFile};
+pub use handles::{Handles, OpenFile};
 use ino::{InoMapper, ROOT_ID};
 use layer::{Layer, open_beneath};
 use node::{DirLayer, DirStack, Location, Node, NodeState};
 use node_table::{Existing, NodeTable};
-pub use readdir::DirEntry;
 use workdir::WorkDir;
 
 /// The layers to stack. `lowers[0]` is the topmost lower.
@@ -69,10 +68,9 @@ pub struct OverlayConfig {
 
 /// The kernel's caches, as far as the core needs to correct them: changes
 /// the kernel did not ask for itself (a copy-up turning a long-cached lower
-/// object into an upper one, other names of a hard-linked file).
+/// object into an upper one, the link count other names of a file see).
 pub trait KernelCache: Send + Sync {
     fn invalidate_attr(&self, id: u64);
-    fn invalidate_entry(&self, parent: u64, name: &OsStr);
 }
 
 /// What a node's name leads to, next to an object found elsewhere.
@@ -185,15 +183,6 @@ impl Overlay {
 
     pub fn is_upper(&self, layer: usize) -> bool {
         self.layers[layer].upper
-    }
-
-    pub fn same_fs(&self) -> bool {
-        self.nodes.same_fs()
-    }
-
-    /// Number of nodes the kernel currently holds references to.
-    pub fn node_count(&self) -> usize {
-        self.nodes.len()
     }
 
     /// A number no node has, nor will have.

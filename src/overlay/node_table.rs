@@ -58,6 +58,7 @@ impl NodeTable {
         self.nodes.contains_key(&id)
     }
 
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.nodes.len()
     }
@@ -88,10 +89,6 @@ impl NodeTable {
     /// A number no node has, nor will have.
     pub(crate) fn unique_ino(&self) -> u64 {
         self.inos.unique()
-    }
-
-    pub(crate) fn same_fs(&self) -> bool {
-        self.inos.same_fs()
     }
 
     /// Finds or makes the node numbered `id`, with one more reference.

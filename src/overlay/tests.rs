@@ -150,13 +150,13 @@ fn hard_links_share_a_node_and_forget_frees_it() {
     let (b, attr) = lookup_path(&ov, "b").unwrap();
     assert_eq!(a.id, b.id);
     assert_eq!(attr.nlink, 2);
-    assert_eq!(ov.node_count(), 2, "root and the shared node");
+    assert_eq!(ov.nodes.len(), 2, "root and the shared node");
     ov.forget(a.id, 1);
-    assert_eq!(ov.node_count(), 2, "one reference left");
+    assert_eq!(ov.nodes.len(), 2, "one reference left");
     ov.forget(a.id, 1);
-    assert_eq!(ov.node_count(), 1, "only the root");
+    assert_eq!(ov.nodes.len(), 1, "only the root");
     ov.forget(ROOT_ID, 100);
-    assert_eq!(ov.node_count(), 1, "the root is never forgotten");
+    assert_eq!(ov.nodes.len(), 1, "the root is never forgotten");
 }
 
 #[test]
