@@ -203,3 +203,55 @@ pub fn release_free_memory() {
         libc::malloc_trim(0);
     }
 }
+
+/// A read-only shared mapping of a whole file. The daemon maps nothing; the
+/// tests use it to check what a mapping made through the mount sees (that
+/// it follows a copy-up, that reads through it are right).
+pub struct ReadMapping {
+    addr: std::ptr::NonNull<std::ffi::c_void>,
+    len: usize,
+}
+
+impl ReadMapping {
+    pub fn new(file: &std::fs::File) -> io::Result<ReadMapping> {
+        let len = usize::try_from(file.metadata()?.len()).map_err(|_| Errno::EFBIG)?;
+        let nonzero = std::num::NonZeroUsize::new(len).ok_or(Errno::EINVAL)?;
+        // SAFETY: a fresh read-only shared mapping chosen by the kernel
+        // aliases no Rust object; it lives until Drop unmaps it.
+        let addr = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                nonzero,
+                nix::sys::mman::ProtFlags::PROT_READ,
+                nix::sys::mman::MapFlags::MAP_SHARED,
+                file,
+                0,
+            )
+        }?;
+        Ok(ReadMapping { addr, len })
+    }
+
+    /// Copies `range` out of the mapping, as it is at this moment.
+    pub fn read(&self, range: std::ops::Range<usize>) -> Vec<u8> {
+        assert!(
+            range.start <= range.end && range.end <= self.len,
+            "out of the mapping"
+        );
+        let base = self.addr.as_ptr().cast::<u8>();
+        range
+            .map(|i| {
+                // SAFETY: i < len, inside the mapping, which is readable and
+                // stays mapped while self lives; volatile because the file
+                // may change underneath between two reads.
+                unsafe { std::ptr::read_volatile(base.add(i)) }
+            })
+            .collect()
+    }
+}
+
+impl Drop for ReadMapping {
+    fn drop(&mut self) {
+        // SAFETY: addr/len are exactly what mmap returned, unmapped once.
+        let _ = unsafe { nix::sys::mman::munmap(self.addr, self.len) };
+    }
+}
