@@ -42,7 +42,7 @@ use std::fs;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -321,24 +321,6 @@ struct Obj {
 
 type Snap = BTreeMap<PathBuf, Obj>;
 
-fn kind_of(ft: fs::FileType) -> &'static str {
-    if ft.is_dir() {
-        "dir"
-    } else if ft.is_symlink() {
-        "symlink"
-    } else if ft.is_file() {
-        "file"
-    } else if ft.is_char_device() {
-        "chardev"
-    } else if ft.is_block_device() {
-        "blockdev"
-    } else if ft.is_fifo() {
-        "fifo"
-    } else {
-        "socket"
-    }
-}
-
 fn snap(root: &Path) -> Snap {
     let mut out = Snap::new();
     let mut stack = vec![PathBuf::new()];
@@ -362,7 +344,7 @@ fn snap(root: &Path) -> Snap {
         out.insert(
             rel,
             Obj {
-                kind: kind_of(ft),
+                kind: kind_name(ft),
                 mode: m.mode(),
                 uid: m.uid(),
                 gid: m.gid(),

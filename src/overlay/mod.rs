@@ -20,6 +20,8 @@ mod rename;
 pub mod resolve;
 mod setattr;
 #[cfg(test)]
+mod test_layers;
+#[cfg(test)]
 mod tests;
 pub mod workdir;
 pub mod write;

@@ -8,12 +8,8 @@ use std::path::Path;
 use nix::errno::Errno;
 
 use super::ino::ROOT_ID;
+use super::test_layers::{lookup_path, overlay, write};
 use super::*;
-
-fn write(path: &Path, data: &[u8]) {
-    fs::create_dir_all(path.parent().unwrap()).unwrap();
-    fs::write(path, data).unwrap();
-}
 
 fn whiteout(path: &Path) {
     nix::sys::stat::mknod(
@@ -23,30 +19,6 @@ fn whiteout(path: &Path) {
         0,
     )
     .unwrap();
-}
-
-fn overlay(upper: Option<&Path>, lowers: &[&Path]) -> Overlay {
-    if let Some(upper) = upper {
-        fs::create_dir_all(upper.with_extension("work")).unwrap();
-    }
-    Overlay::new(&OverlayConfig {
-        lowers: lowers.iter().map(|p| p.to_path_buf()).collect(),
-        upper: upper.map(Path::to_path_buf),
-        work: upper.map(|u| u.with_extension("work")),
-        volatile: false,
-    })
-    .unwrap()
-}
-
-fn lookup_path(ov: &Overlay, path: &str) -> Result<(Arc<Node>, Attr)> {
-    let mut cur = ROOT_ID;
-    let mut found = None;
-    for part in path.split('/') {
-        let (node, attr) = ov.lookup(cur, OsStr::new(part))?;
-        cur = node.id;
-        found = Some((node, attr));
-    }
-    Ok(found.unwrap())
 }
 
 fn names(ov: &Overlay, dir: u64) -> Vec<String> {

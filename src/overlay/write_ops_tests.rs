@@ -23,6 +23,7 @@ use nix::sys::stat::Mode;
 use super::attr::Attr;
 use super::error::Result;
 use super::ino::ROOT_ID;
+use super::test_layers::write;
 use super::write::{Caller, NewObject, RenameMode, SetAttr, SetTime};
 use super::{Overlay, OverlayConfig};
 use crate::sys::{self, XattrTarget};
@@ -92,11 +93,6 @@ impl Layers {
             .map(|e| e.unwrap().file_name())
             .collect()
     }
-}
-
-fn write(path: &Path, data: &[u8]) {
-    fs::create_dir_all(path.parent().unwrap()).unwrap();
-    fs::write(path, data).unwrap();
 }
 
 fn mkdir(path: &Path) {

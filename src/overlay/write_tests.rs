@@ -12,17 +12,12 @@ use nix::fcntl::OFlag;
 use nix::sys::stat::{Mode, UtimensatFlags, mkdirat, utimensat};
 use nix::sys::time::TimeSpec;
 
-use super::ino::ROOT_ID;
+use super::test_layers::{lookup_path, write};
 use super::write::SetAttr;
 use super::*;
 
 /// 2001-09-09: older than anything a test run makes.
 const OLD: i64 = 1_000_000_000;
-
-fn write(path: &Path, data: &[u8]) {
-    fs::create_dir_all(path.parent().unwrap()).unwrap();
-    fs::write(path, data).unwrap();
-}
 
 fn set_old_times(path: &Path) {
     let t = TimeSpec::new(OLD, 0);
@@ -34,29 +29,6 @@ fn set_old_times(path: &Path) {
         UtimensatFlags::NoFollowSymlink,
     )
     .unwrap();
-}
-
-fn overlay(upper: &Path, lower: &Path) -> Overlay {
-    fs::create_dir_all(upper).unwrap();
-    fs::create_dir_all(upper.with_extension("work")).unwrap();
-    Overlay::new(&OverlayConfig {
-        lowers: vec![lower.to_path_buf()],
-        upper: Some(upper.to_path_buf()),
-        work: Some(upper.with_extension("work")),
-        volatile: false,
-    })
-    .unwrap()
-}
-
-fn lookup_path(ov: &Overlay, path: &str) -> Result<(Arc<Node>, Attr)> {
-    let mut cur = ROOT_ID;
-    let mut found = None;
-    for part in path.split('/') {
-        let (node, attr) = ov.lookup(cur, OsStr::new(part))?;
-        cur = node.id;
-        found = Some((node, attr));
-    }
-    Ok(found.unwrap())
 }
 
 fn work_entries(upper: &Path) -> usize {
@@ -74,7 +46,7 @@ fn copy_up_keeps_the_times_of_the_parents() {
     for p in ["etc/app/main.conf", "etc/app", "etc", ""] {
         set_old_times(&lower.join(p));
     }
-    let ov = overlay(&upper, &lower);
+    let ov = test_layers::overlay(Some(&upper), &[&lower]);
 
     let (node, _) = lookup_path(&ov, "etc/app/main.conf").unwrap();
     let (fh, _) = ov.open(node.id, libc::O_WRONLY, None).unwrap();
@@ -128,7 +100,7 @@ fn copy_up_and_release_of_a_deep_tree_use_bounded_stack() {
     std::thread::Builder::new()
         .stack_size(256 * 1024)
         .spawn(move || {
-            let ov = overlay(&upper_thread, &lower);
+            let ov = test_layers::overlay(Some(&upper_thread), &[&lower]);
             let (node, _) = lookup_path(&ov, &file).unwrap();
             let (fh, _) = ov
                 .open(node.id, libc::O_WRONLY | libc::O_APPEND, None)
@@ -199,7 +171,7 @@ fn an_xattr_the_upper_refuses_fails_the_copy_up() {
         xattr_set(&lower.join(path), name, &big);
         xattr_set(&lower.join(path), "user.small", b"kept");
     }
-    let ov = overlay(&upper, &lower);
+    let ov = test_layers::overlay(Some(&upper), &[&lower]);
 
     // The file's own copy-up: chmod 600.
     let (file, _) = lookup_path(&ov, "dir/bigx").unwrap();
@@ -224,7 +196,7 @@ fn an_xattr_the_upper_refuses_fails_the_copy_up() {
     nix_remove_xattr(&lower.join("dir"), "user.big");
     drop(file);
     drop(ov);
-    let ov = overlay(&upper, &lower);
+    let ov = test_layers::overlay(Some(&upper), &[&lower]);
     let (file, _) = lookup_path(&ov, "dir/bigx").unwrap();
     let err = ov.setattr(file.id, set, None).unwrap_err();
     assert!(

@@ -330,7 +330,7 @@ pub struct EntryInfo {
     pub user_xattrs: BTreeMap<String, Vec<u8>>,
 }
 
-fn kind_name(ft: fs::FileType) -> &'static str {
+pub fn kind_name(ft: fs::FileType) -> &'static str {
     use std::os::unix::fs::FileTypeExt;
     if ft.is_dir() {
         "dir"
