@@ -21,7 +21,7 @@ use super::error::{Error, Result, SysContext};
 use super::handles::OpenFile;
 use super::layer::open_beneath;
 use super::marker;
-use super::node::{DirStack, Node};
+use super::node::{DirLayer, DirStack, Node};
 use super::resolve::{self, Probe};
 use crate::sys::{self, XattrTarget};
 
@@ -254,7 +254,10 @@ impl Overlay {
             if needs_whiteout {
                 self.make_whiteout(tmp.fd(), &tmp.name)?;
                 tmp.swap_with(upper, name).map_err(ctx)?;
-            } else {
+            } else if !remove_empty_dir(upper, name).map_err(ctx)? {
+                // It holds whiteouts. (An empty one is removed in place: a
+                // rename into the work dir costs the kernel a walk up the
+                // whole tree, as its rename lock checks ancestry.)
                 renameat2(
                     upper.fd()?.as_fd(),
                     name,
@@ -406,4 +409,14 @@ fn owner_for(caller: Caller, parent: &Attr) -> (u32, u32) {
         caller.gid
     };
     (caller.uid, gid)
+}
+
+/// rmdir of `dir/name` if it has no entries on disk; false if it still
+/// holds some (whiteouts).
+fn remove_empty_dir(dir: &DirLayer, name: &OsStr) -> Result<bool> {
+    match unlinkat(dir.fd()?.as_fd(), name, UnlinkatFlags::RemoveDir) {
+        Ok(()) => Ok(true),
+        Err(Errno::ENOTEMPTY | Errno::EEXIST) => Ok(false),
+        Err(e) => Err(e).sys("rmdir"),
+    }
 }
