@@ -14,10 +14,12 @@
 //! hard to make one clear line of, and bring a builder/derive stack this
 //! small reader does not need.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use serde::Deserialize;
 
@@ -59,11 +61,19 @@ pub struct LoadPlan {
 pub fn spool(reader: impl Read, dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
     let mut files = BTreeMap::new();
     let mut links = Vec::new();
-    let mut archive = tar::Archive::new(reader);
+    let consumed = Rc::new(Cell::new(0u64));
+    let mut archive = tar::Archive::new(CountingReader {
+        inner: reader,
+        count: consumed.clone(),
+    });
+    // Where the end-of-archive marker must start: after the last entry's
+    // data, padded to the 512-byte block.
+    let mut end_of_entries = 0u64;
     let bad =
         |e: io::Error| format!("cannot read the image archive (truncated or not a tar?): {e}");
     for (n, entry) in archive.entries().map_err(bad)?.enumerate() {
         let mut entry = entry.map_err(bad)?;
+        end_of_entries = (entry.raw_file_position() + entry.size()).div_ceil(512) * 512;
         let name = clean_name(&String::from_utf8_lossy(&entry.path_bytes()));
         match entry.header().entry_type() {
             tar::EntryType::Regular | tar::EntryType::Continuous => {
@@ -86,6 +96,13 @@ pub fn spool(reader: impl Read, dir: &Path) -> Result<BTreeMap<String, PathBuf>>
             _ => {}
         }
     }
+    // The tar crate takes the end of the stream at an entry boundary for
+    // the end of the archive; a cut there must not pass for a whole archive.
+    if consumed.get() < end_of_entries + 512 {
+        return Err(
+            "the image archive is truncated (it ends without an end-of-archive marker)".into(),
+        );
+    }
     for (name, target, kind) in links {
         let resolved = if kind == tar::EntryType::Symlink {
             let base = Path::new(&name).parent().unwrap_or(Path::new(""));
@@ -98,6 +115,20 @@ pub fn spool(reader: impl Read, dir: &Path) -> Result<BTreeMap<String, PathBuf>>
         }
     }
     Ok(files)
+}
+
+/// Counts the bytes the tar parser reads.
+struct CountingReader<R> {
+    inner: R,
+    count: Rc<Cell<u64>>,
+}
+
+impl<R: Read> Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.set(self.count.get() + n as u64);
+        Ok(n)
+    }
 }
 
 /// `./a/../b` -> `b`: archive names as manifests write them.

@@ -301,6 +301,10 @@ fn hostile(path: &[u8], why: &str) -> io::Error {
 fn io_err(e: Errno, path: &[u8], what: &str) -> io::Error {
     let why = match e {
         Errno::ELOOP | Errno::EXDEV => "it goes through a symlink or out of the layer".to_string(),
+        // O_NOFOLLOW|O_DIRECTORY on a symlink in the path ends here too.
+        Errno::ENOTDIR => {
+            format!("{what}: a component of its path is a symlink or not a directory")
+        }
         other => format!("{what}: {}", other.desc()),
     };
     io::Error::new(
