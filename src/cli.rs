@@ -326,6 +326,30 @@ mod tests {
     }
 
     #[test]
+    fn image_commands_parse_with_root_anywhere() {
+        let Invocation::Image(image) = parse(args(&[
+            "unionfs", "image", "load", "--root", "/s", "-i", "a.tar", "--quiet",
+        ]))
+        .unwrap() else {
+            panic!("not an image command")
+        };
+        assert_eq!(image.root, Some(PathBuf::from("/s")));
+        assert!(matches!(
+            image.command,
+            ImageCommand::Load { quiet: true, .. }
+        ));
+        let Invocation::System(system) =
+            parse(args(&["unionfs", "system", "--root", "/s", "df", "-v"])).unwrap()
+        else {
+            panic!("not a system command")
+        };
+        assert!(matches!(
+            system.command,
+            SystemCommand::Df { verbose: true }
+        ));
+    }
+
+    #[test]
     fn helper_form_without_mountpoint_is_refused() {
         assert!(parse(args(&["unionfs", "-o", "lowerdir=/a"])).is_err());
     }

@@ -166,7 +166,7 @@ fn build_fixture() -> Fixture {
         ("result", "Containerfile"),
         ("other", "Containerfile.other"),
     ] {
-        let mut build = vec!["build", "--isolation", "chroot"];
+        let mut build = vec!["build"];
         build.extend(limits);
         build.extend(["-t", tag, "-f", file, "."]);
         podman.ok(&build, &dir);
@@ -1005,4 +1005,34 @@ fn errors_are_one_line() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot open"));
     let df = store.ok(&["system", "df"]);
     assert!(df.contains("Images") && df.contains("0B"), "{df}");
+}
+
+#[test]
+fn piped_and_quiet_loads_show_no_progress() {
+    let store = StoreDir::new();
+    let layer = layer_of(&[raw_entry(tar::EntryType::Regular, "f", "", b"x")]);
+    let path = store.scratch.path("one.tar");
+    fs::write(&path, docker_archive(&layer, None)).unwrap();
+    let piped = store.run(&["image", "load", "-i", path.to_str().unwrap()]);
+    assert!(piped.status.success());
+    assert!(piped.stderr.is_empty(), "progress on a pipe: {piped:?}");
+    let stdout = String::from_utf8_lossy(&piped.stdout);
+    assert!(
+        stdout.contains(": Loaded") && !stdout.contains('\x1b'),
+        "{stdout}"
+    );
+    // From stdin, quiet: only the result line.
+    let quiet = run_with_stdin(
+        &mut store.cmd(&["image", "load", "--quiet"]),
+        Stdio::from(fs::File::open(&path).unwrap()),
+        Duration::from_secs(60),
+    );
+    assert!(
+        quiet.status.success() && quiet.stderr.is_empty(),
+        "{quiet:?}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&quiet.stdout),
+        "Loaded image: localhost/hostile:latest\n"
+    );
 }
