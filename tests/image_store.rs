@@ -555,7 +555,7 @@ fn raw_entry(
     link: &str,
     content: &[u8],
 ) -> (tar::Header, Vec<u8>) {
-    let mut header = tar::Header::new_old();
+    let mut header = tar::Header::new_ustar();
     {
         let bytes = header.as_old_mut();
         bytes.name[..name.len()].copy_from_slice(name.as_bytes());
@@ -1035,4 +1035,95 @@ fn piped_and_quiet_loads_show_no_progress() {
         String::from_utf8_lossy(&quiet.stdout),
         "Loaded image: localhost/hostile:latest\n"
     );
+}
+
+/// One PAX record: "<len> <key>=<value>\n", the length counting itself.
+fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {
+    let body_len = key.len() + value.len() + 3; // ' ', '=', '\n'
+    let mut len = body_len + 1;
+    while len != body_len + len.to_string().len() {
+        len = body_len + len.to_string().len();
+    }
+    let mut out = format!("{len} {key}=").into_bytes();
+    out.extend_from_slice(value);
+    out.push(b'\n');
+    out
+}
+
+#[test]
+fn metadata_survives_unpacking() {
+    use tar::EntryType::{Block, Char, Directory, Fifo, Link, Regular, Symlink, XHeader};
+    let store = StoreDir::new();
+    // security.capability v2: cap_net_bind_service (bit 10) permitted+effective.
+    let mut cap = vec![0u8; 20];
+    cap[0..4].copy_from_slice(&0x0200_0001u32.to_le_bytes());
+    cap[4..8].copy_from_slice(&(1u32 << 10).to_le_bytes());
+    let mut pax = pax_record("SCHILY.xattr.user.note", b"kept");
+    pax.extend(pax_record("SCHILY.xattr.security.capability", &cap));
+    let owned = |mut e: (tar::Header, Vec<u8>), mode: u32, uid: u64| {
+        e.0.set_mode(mode);
+        e.0.set_uid(uid);
+        e.0.set_gid(uid + 1);
+        e.0.set_mtime(1_234_567_890);
+        e.0.set_cksum();
+        e
+    };
+    let mut dev = raw_entry(Char, "dev/null", "", b"");
+    dev.0.set_device_major(1).unwrap();
+    dev.0.set_device_minor(3).unwrap();
+    let mut blk = raw_entry(Block, "dev/blk", "", b"");
+    blk.0.set_device_major(7).unwrap();
+    blk.0.set_device_minor(0).unwrap();
+    blk.0.set_cksum();
+    let layer = layer_of(&[
+        owned(raw_entry(Directory, "d/", "", b""), 0o750, 7),
+        raw_entry(XHeader, "pax", "", &pax),
+        owned(raw_entry(Regular, "d/suid", "", b"binary"), 0o4755, 12),
+        raw_entry(Link, "d/hard", "d/suid", b""),
+        raw_entry(Symlink, "d/link", "../nowhere", b""),
+        raw_entry(Fifo, "d/fifo", "", b""),
+        owned(raw_entry(Regular, "d/.wh.gone", "", b""), 0o600, 0),
+        owned(raw_entry(Directory, "dev/", "", b""), 0o755, 0),
+        owned(dev, 0o666, 0),
+        blk,
+    ]);
+    let path = store.scratch.path("meta.tar");
+    fs::write(&path, docker_archive(&layer, None)).unwrap();
+    let out = store.run(&["image", "load", "-i", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let root = store.root().join("layers").join(sha256_hex(&layer));
+    let meta = |p: &str| fs::symlink_metadata(root.join(p)).unwrap();
+    assert_eq!(meta("d").mode() & 0o7777, 0o750);
+    assert_eq!((meta("d").uid(), meta("d").gid()), (7, 8));
+    assert_eq!(
+        meta("d/suid").mode() & 0o7777,
+        0o4755,
+        "setuid kept after chown"
+    );
+    assert_eq!((meta("d/suid").uid(), meta("d/suid").gid()), (12, 13));
+    assert_eq!(meta("d/suid").mtime(), 1_234_567_890);
+    assert_eq!(
+        meta("d").mtime(),
+        1_234_567_890,
+        "directory mtime set after its children"
+    );
+    assert_eq!(meta("d/hard").ino(), meta("d/suid").ino());
+    assert_eq!(
+        fs::read_link(root.join("d/link")).unwrap(),
+        Path::new("../nowhere")
+    );
+    assert!(meta("d/fifo").file_type().is_fifo());
+    assert!(
+        meta("d/.wh.gone").is_file(),
+        "OCI whiteouts stay plain files"
+    );
+    assert!(meta("dev/null").file_type().is_char_device());
+    assert_eq!(meta("dev/null").rdev(), nix::sys::stat::makedev(1, 3));
+    assert!(meta("dev/blk").file_type().is_block_device());
+    let xattrs = xattrs_with_prefix(&root.join("d/suid"), "");
+    assert_eq!(
+        xattrs.get("user.note").map(Vec::as_slice),
+        Some(&b"kept"[..])
+    );
+    assert_eq!(xattrs.get("security.capability"), Some(&cap), "{xattrs:?}");
 }

@@ -190,10 +190,15 @@ pub fn unpack_layer<R: Read>(reader: R, root: &File) -> io::Result<(Unpacked, R)
                     EntryType::Block => SFlag::S_IFBLK,
                     _ => SFlag::S_IFIFO,
                 };
-                let dev = nix::sys::stat::makedev(
-                    u64::from(entry.header().device_major()?.unwrap_or(0)),
-                    u64::from(entry.header().device_minor()?.unwrap_or(0)),
-                );
+                // A fifo has no device number; tools leave the fields blank.
+                let dev = if sflag == SFlag::S_IFIFO {
+                    0
+                } else {
+                    nix::sys::stat::makedev(
+                        u64::from(entry.header().device_major()?.unwrap_or(0)),
+                        u64::from(entry.header().device_minor()?.unwrap_or(0)),
+                    )
+                };
                 match nix::sys::stat::mknodat(
                     &parent,
                     name,
