@@ -5,7 +5,7 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{MountRequest, apply_options, parse_threads};
 
@@ -30,6 +30,83 @@ pub enum Command {
     /// Unmount a unionfs mount and wait for its daemon to exit
     #[command(alias = "unmount")]
     Umount(UmountArgs),
+    /// Load, list, inspect and remove images in the image store
+    Image(ImageArgs),
+    /// Store-wide information (disk usage)
+    System(SystemArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ImageArgs {
+    /// The image store [default: /var/lib/unionfs as root, else
+    /// $XDG_DATA_HOME/unionfs or ~/.local/share/unionfs]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: ImageCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Load images from a docker-archive or oci-archive tar (`docker save`,
+    /// `podman save [--format oci-archive]`)
+    Load {
+        /// Read the archive from FILE instead of stdin
+        #[arg(short = 'i', long = "input", value_name = "FILE")]
+        input: Option<PathBuf>,
+        /// No progress bar and no per-layer lines
+        #[arg(short = 'q', long)]
+        quiet: bool,
+    },
+    /// List images: NAME:TAG, ID, created, size
+    #[command(alias = "list")]
+    Ls {
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        format: OutputFormat,
+    },
+    /// Show an image's layers and the steps that made them
+    History {
+        /// NAME[:TAG] or (short) ID
+        image: String,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        format: OutputFormat,
+    },
+    /// Show an image's config, layers (diff_ids) and size as JSON
+    Inspect {
+        /// NAME[:TAG] or (short) ID
+        image: String,
+    },
+    /// Remove an image (or one of its tags) and the layers no image uses any more
+    #[command(alias = "remove")]
+    Rm {
+        /// NAME[:TAG] or (short) ID
+        image: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct SystemArgs {
+    /// The image store (as for `unionfs image`)
+    #[arg(long, global = true, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: SystemCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SystemCommand {
+    /// Space used by images and layers: size, shared, unique, reclaimable
+    Df {
+        /// Per image and per layer
+        #[arg(short = 'v', long)]
+        verbose: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -110,6 +187,8 @@ impl MountArgs {
 pub enum Invocation {
     Mount(MountRequest),
     Umount(UmountArgs),
+    Image(ImageArgs),
+    System(SystemArgs),
 }
 
 /// Whether argv uses the subcommand form (otherwise the mount-helper form).
@@ -118,7 +197,16 @@ fn uses_subcommands(args: &[OsString]) -> bool {
         None => true,
         Some(first) => matches!(
             first,
-            "mount" | "umount" | "unmount" | "help" | "--help" | "-h" | "--version" | "-V"
+            "mount"
+                | "umount"
+                | "unmount"
+                | "image"
+                | "system"
+                | "help"
+                | "--help"
+                | "-h"
+                | "--version"
+                | "-V"
         ),
     }
 }
@@ -176,6 +264,8 @@ pub fn parse(args: Vec<OsString>) -> Result<Invocation, clap::Error> {
             })?)
         }
         Command::Umount(u) => Invocation::Umount(u),
+        Command::Image(i) => Invocation::Image(i),
+        Command::System(s) => Invocation::System(s),
     })
 }
 
@@ -233,6 +323,30 @@ mod tests {
         assert_eq!(req.source.as_deref(), Some("unionfs"));
         assert_eq!(req.mountpoint, PathBuf::from("/mnt"));
         assert_eq!(req.lowers, vec![PathBuf::from("/a")]);
+    }
+
+    #[test]
+    fn image_commands_parse_with_root_anywhere() {
+        let Invocation::Image(image) = parse(args(&[
+            "unionfs", "image", "load", "--root", "/s", "-i", "a.tar", "--quiet",
+        ]))
+        .unwrap() else {
+            panic!("not an image command")
+        };
+        assert_eq!(image.root, Some(PathBuf::from("/s")));
+        assert!(matches!(
+            image.command,
+            ImageCommand::Load { quiet: true, .. }
+        ));
+        let Invocation::System(system) =
+            parse(args(&["unionfs", "system", "--root", "/s", "df", "-v"])).unwrap()
+        else {
+            panic!("not a system command")
+        };
+        assert!(matches!(
+            system.command,
+            SystemCommand::Df { verbose: true }
+        ));
     }
 
     #[test]

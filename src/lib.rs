@@ -6,12 +6,15 @@
 //! * [`cli`], [`config`], [`daemon`], [`readahead`]: the command line, mount
 //!   validation, the daemon's life cycle and its mount's readahead.
 //! * [`mountinfo`]: the parser of /proc/self/mountinfo (tests use it too).
+//! * [`image`]: the image store and `unionfs image|system` commands; above
+//!   the core, which does not depend on it.
 //! * [`sys`]: the raw syscalls; the only module with `unsafe`.
 
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub(crate) mod fuse;
+pub mod image;
 pub mod mountinfo;
 pub(crate) mod overlay;
 pub(crate) mod readahead;

@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use unionfs::cli::{self, Invocation};
-use unionfs::{config, daemon};
+use unionfs::{config, daemon, image};
 
 fn main() -> ExitCode {
     let invocation = match cli::parse(std::env::args_os().collect()) {
@@ -27,6 +27,8 @@ fn main() -> ExitCode {
                 .and_then(daemon::mount)
         }
         Invocation::Umount(args) => daemon::umount(&args),
+        Invocation::Image(args) => image::run_image(args),
+        Invocation::System(args) => image::run_system(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

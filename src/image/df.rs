@@ -1,0 +1,117 @@
+//! `unionfs system df [-v]`: what the store holds and what removing
+//! images would give back, as `docker system df` reports it. Sizes are
+//! layer content sizes; a layer shared by several images counts once.
+
+use std::collections::BTreeMap;
+
+use super::Result;
+use super::digest::Digest;
+use super::output::{human_size, print_table};
+use super::remove::layers_in_use_by_containers;
+use super::store::Store;
+
+pub fn df(store: &Store, verbose: bool) -> Result<()> {
+    let index = {
+        let lock = store.lock_shared()?;
+        store.read_index(&lock)?
+    };
+    let in_use = layers_in_use_by_containers(store, &index);
+    // How many images use each layer.
+    let mut users: BTreeMap<&Digest, usize> = BTreeMap::new();
+    for image in index.images.values() {
+        let mut seen = std::collections::BTreeSet::new();
+        for layer in &image.layers {
+            if seen.insert(layer) {
+                *users.entry(layer).or_default() += 1;
+            }
+        }
+    }
+    let size_of = |d: &Digest| index.layers.get(d).map_or(0, |l| l.size);
+    let total: u64 = index.layers.values().map(|l| l.size).sum();
+    let active_images = index
+        .images
+        .values()
+        .filter(|i| i.layers.iter().any(|l| in_use.contains(l)))
+        .count();
+    let reclaimable: u64 = index
+        .layers
+        .iter()
+        .filter(|(d, _)| !in_use.contains(*d))
+        .map(|(_, l)| l.size)
+        .sum();
+    let percent = (reclaimable * 100).checked_div(total).unwrap_or(0);
+    print_table(
+        &["TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"],
+        &[
+            vec![
+                "Images".into(),
+                index.images.len().to_string(),
+                active_images.to_string(),
+                human_size(total),
+                format!("{} ({percent}%)", human_size(reclaimable)),
+            ],
+            vec![
+                "Layers".into(),
+                index.layers.len().to_string(),
+                in_use.len().to_string(),
+                human_size(total),
+                format!("{} ({percent}%)", human_size(reclaimable)),
+            ],
+        ],
+    );
+    if !verbose {
+        return Ok(());
+    }
+    println!("\nImages space usage:\n");
+    let mut rows = Vec::new();
+    for (id, image) in &index.images {
+        let mut shared = 0;
+        let mut unique = 0;
+        let mut seen = std::collections::BTreeSet::new();
+        for layer in image.layers.iter().filter(|l| seen.insert(*l)) {
+            if users.get(layer).copied().unwrap_or(0) > 1 {
+                shared += size_of(layer);
+            } else {
+                unique += size_of(layer);
+            }
+        }
+        let name = image
+            .repo_tags
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "<none>:<none>".into());
+        rows.push(vec![
+            name,
+            id.short().to_string(),
+            human_size(shared + unique),
+            human_size(shared),
+            human_size(unique),
+            "0".into(),
+        ]);
+    }
+    print_table(
+        &[
+            "NAME:TAG",
+            "IMAGE ID",
+            "SIZE",
+            "SHARED SIZE",
+            "UNIQUE SIZE",
+            "CONTAINERS",
+        ],
+        &rows,
+    );
+    println!("\nLayers space usage:\n");
+    let rows: Vec<Vec<String>> = index
+        .layers
+        .iter()
+        .map(|(d, l)| {
+            vec![
+                d.short().to_string(),
+                human_size(l.size),
+                users.get(d).copied().unwrap_or(0).to_string(),
+            ]
+        })
+        .collect();
+    print_table(&["LAYER", "SIZE", "IMAGES"], &rows);
+    Ok(())
+}
