@@ -19,7 +19,9 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
 use nix::errno::Errno;
-use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, openat, openat2};
+use nix::fcntl::{AtFlags, OFlag, openat};
+
+use crate::overlay::layer::open_beneath;
 use nix::sys::stat::{FchmodatFlags, Mode, SFlag, UtimensatFlags, fchmodat, fstatat, mkdirat};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid, UnlinkatFlags, fchownat, linkat, symlinkat, unlinkat};
@@ -110,7 +112,7 @@ pub fn unpack_layer<R: Read>(reader: R, root: &File) -> io::Result<(Unpacked, R)
                     mkdirat(&parent, name, Mode::from_bits_truncate(0o700))
                         .map_err(|e| io_err(e, &raw_path, "mkdirat"))?;
                 }
-                let dir = open_beneath(&parent, name, OFlag::O_DIRECTORY | OFlag::O_RDONLY)
+                let dir = open_beneath(parent.as_fd(), name, OFlag::O_DIRECTORY | OFlag::O_RDONLY)
                     .map_err(|e| io_err(e, &raw_path, "open the new directory"))?;
                 apply_owner_and_xattrs(dir.as_fd(), None, &meta, privileged, &mut unpacked)?;
                 deferred.push(DeferredDir {
@@ -318,22 +320,6 @@ fn io_err(e: Errno, path: &[u8], what: &str) -> io::Error {
     )
 }
 
-fn open_beneath(dir: impl AsFd, name: &OsStr, flags: OFlag) -> nix::Result<OwnedFd> {
-    let how = OpenHow::new()
-        .flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
-        .resolve(
-            ResolveFlag::RESOLVE_BENEATH
-                | ResolveFlag::RESOLVE_NO_SYMLINKS
-                | ResolveFlag::RESOLVE_NO_MAGICLINKS,
-        );
-    loop {
-        match openat2(dir.as_fd(), name, how) {
-            Err(Errno::EAGAIN) | Err(Errno::EINTR) => continue,
-            other => return other,
-        }
-    }
-}
-
 fn join(components: &[Vec<u8>]) -> Vec<u8> {
     if components.is_empty() {
         return b".".to_vec();
@@ -364,7 +350,7 @@ fn open_parent(root: BorrowedFd<'_>, parents: &[Vec<u8>], raw_path: &[u8]) -> io
             Ok(()) | Err(Errno::EEXIST) => {}
             Err(e) => return Err(io_err(e, raw_path, "mkdirat (implicit parent)")),
         }
-        dir = open_beneath(&dir, name, OFlag::O_PATH | OFlag::O_DIRECTORY)
+        dir = open_beneath(dir.as_fd(), name, OFlag::O_PATH | OFlag::O_DIRECTORY)
             .map_err(|e| io_err(e, raw_path, "open parent directory"))?;
     }
     Ok(dir)
