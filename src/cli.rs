@@ -32,6 +32,8 @@ pub enum Command {
     Umount(UmountArgs),
     /// Load, list, inspect and remove images in the image store
     Image(ImageArgs),
+    /// Create, mount, list and remove containers (a writable layer over an image)
+    Container(ContainerArgs),
     /// Store-wide information (disk usage)
     System(SystemArgs),
 }
@@ -82,6 +84,55 @@ pub enum ImageCommand {
         /// NAME[:TAG] or (short) ID
         image: String,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct ContainerArgs {
+    /// The image store (as for `unionfs image`)
+    #[arg(long, global = true, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: ContainerCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ContainerCommand {
+    /// Create a container: a writable layer over an image's layers
+    Create {
+        /// [a-zA-Z0-9][a-zA-Z0-9_.-]*, unique in the store
+        #[arg(long, value_name = "NAME")]
+        name: String,
+        /// NAME[:TAG] or (short) ID
+        image: String,
+    },
+    /// Mount a container's merged view on MOUNTPOINT (returns once mounted)
+    Mount {
+        name: String,
+        mountpoint: PathBuf,
+        /// Mount options as for `unionfs mount` (ro, volatile, nodev, ...)
+        #[arg(short = 'o', value_name = "OPT[,OPT...]")]
+        options: Vec<String>,
+    },
+    /// Unmount a container and wait for its daemon to exit
+    #[command(alias = "unmount")]
+    Umount {
+        name: String,
+        /// Detach now even if busy and return
+        #[arg(short = 'l', long)]
+        lazy: bool,
+        /// Seconds to wait for the daemon to exit (not with --lazy)
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// List containers: name, image, created, where mounted, upper size
+    #[command(alias = "list")]
+    Ls {
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        format: OutputFormat,
+    },
+    /// Remove an unmounted container and its writable layer
+    #[command(alias = "remove")]
+    Rm { name: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -188,6 +239,7 @@ pub enum Invocation {
     Mount(MountRequest),
     Umount(UmountArgs),
     Image(ImageArgs),
+    Container(ContainerArgs),
     System(SystemArgs),
 }
 
@@ -201,6 +253,7 @@ fn uses_subcommands(args: &[OsString]) -> bool {
                 | "umount"
                 | "unmount"
                 | "image"
+                | "container"
                 | "system"
                 | "help"
                 | "--help"
@@ -265,6 +318,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Invocation, clap::Error> {
         }
         Command::Umount(u) => Invocation::Umount(u),
         Command::Image(i) => Invocation::Image(i),
+        Command::Container(c) => Invocation::Container(c),
         Command::System(s) => Invocation::System(s),
     })
 }
@@ -346,6 +400,44 @@ mod tests {
         assert!(matches!(
             system.command,
             SystemCommand::Df { verbose: true }
+        ));
+    }
+
+    #[test]
+    fn container_commands_parse() {
+        let Invocation::Container(c) = parse(args(&[
+            "unionfs",
+            "container",
+            "mount",
+            "c1",
+            "/mnt",
+            "-o",
+            "ro",
+            "--root",
+            "/s",
+        ]))
+        .unwrap() else {
+            panic!("not a container command")
+        };
+        assert_eq!(c.root, Some(PathBuf::from("/s")));
+        assert!(matches!(
+            c.command,
+            ContainerCommand::Mount { ref name, ref options, .. } if name == "c1" && options == &["ro"]
+        ));
+        let Invocation::Container(c) = parse(args(&[
+            "unionfs",
+            "container",
+            "create",
+            "--name",
+            "c1",
+            "img:1",
+        ]))
+        .unwrap() else {
+            panic!("not a container command")
+        };
+        assert!(matches!(
+            c.command,
+            ContainerCommand::Create { ref name, ref image } if name == "c1" && image == "img:1"
         ));
     }
 

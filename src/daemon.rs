@@ -273,8 +273,9 @@ fn mount_fuse(mount: &ValidMount) -> Result<Option<OwnedFd>, String> {
     }
 }
 
-/// Large trees keep one descriptor per live directory and layer.
-fn raise_fd_limit() {
+/// Large trees keep one descriptor per live directory and layer (in the
+/// daemon, and in the commands that walk a container's upper by descriptors).
+pub fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return;

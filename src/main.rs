@@ -28,6 +28,7 @@ fn main() -> ExitCode {
         }
         Invocation::Umount(args) => daemon::umount(&args),
         Invocation::Image(args) => image::run_image(args),
+        Invocation::Container(args) => image::run_container(args),
         Invocation::System(args) => image::run_system(args),
     };
     match result {

@@ -1,10 +1,13 @@
 //! `unionfs system df [-v]`: what the store holds and what removing
 //! images would give back, as `docker system df` reports it. Sizes are
 //! layer content sizes; a layer shared by several images counts once.
+//! Containers count by the bytes in their uppers; their images' layers are
+//! active (not reclaimable) while they exist.
 
 use std::collections::BTreeMap;
 
 use super::Result;
+use super::container::{image_name, is_mounted, upper_sizes};
 use super::digest::Digest;
 use super::output::{human_size, print_table};
 use super::remove::layers_in_use_by_containers;
@@ -28,11 +31,21 @@ pub fn df(store: &Store, verbose: bool) -> Result<()> {
     }
     let size_of = |d: &Digest| index.layers.get(d).map_or(0, |l| l.size);
     let total: u64 = index.layers.values().map(|l| l.size).sum();
-    let active_images = index
-        .images
-        .values()
-        .filter(|i| i.layers.iter().any(|l| in_use.contains(l)))
-        .count();
+    let used_images = index.images_in_use();
+    let active_images = used_images.len();
+    let containers = upper_sizes(store, &index);
+    let containers_total: u64 = containers.iter().map(|(_, size)| size).sum();
+    let containers_mounted = index.containers.values().filter(|c| is_mounted(c)).count();
+    // A mounted container's upper is in use; an unmounted one's is what
+    // `container rm` would give back.
+    let containers_reclaimable: u64 = containers
+        .iter()
+        .filter(|(name, _)| !index.containers.get(name).is_some_and(is_mounted))
+        .map(|(_, size)| size)
+        .sum();
+    let containers_percent = (containers_reclaimable * 100)
+        .checked_div(containers_total)
+        .unwrap_or(0);
     let reclaimable: u64 = index
         .layers
         .iter()
@@ -56,6 +69,16 @@ pub fn df(store: &Store, verbose: bool) -> Result<()> {
                 in_use.len().to_string(),
                 human_size(total),
                 format!("{} ({percent}%)", human_size(reclaimable)),
+            ],
+            vec![
+                "Containers".into(),
+                index.containers.len().to_string(),
+                containers_mounted.to_string(),
+                human_size(containers_total),
+                format!(
+                    "{} ({containers_percent}%)",
+                    human_size(containers_reclaimable)
+                ),
             ],
         ],
     );
@@ -86,7 +109,7 @@ pub fn df(store: &Store, verbose: bool) -> Result<()> {
             human_size(shared + unique),
             human_size(shared),
             human_size(unique),
-            "0".into(),
+            used_images.get(id).map_or(0, Vec::len).to_string(),
         ]);
     }
     print_table(
@@ -113,5 +136,23 @@ pub fn df(store: &Store, verbose: bool) -> Result<()> {
         })
         .collect();
     print_table(&["LAYER", "SIZE", "IMAGES"], &rows);
+    println!("\nContainers space usage:\n");
+    let rows: Vec<Vec<String>> = containers
+        .iter()
+        .map(|(name, size)| {
+            let record = &index.containers[name];
+            vec![
+                name.clone(),
+                image_name(&index, record),
+                human_size(*size),
+                if is_mounted(record) {
+                    "mounted".into()
+                } else {
+                    "unmounted".into()
+                },
+            ]
+        })
+        .collect();
+    print_table(&["CONTAINER", "IMAGE", "SIZE", "STATUS"], &rows);
     Ok(())
 }

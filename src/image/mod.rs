@@ -11,9 +11,12 @@
 //! * [`archive`]: reading docker-archive and oci-archive tars into a load plan.
 //! * [`unpack`]: extracting one layer tar over directory descriptors.
 //! * [`load`], [`query`], [`remove`], [`df`]: the commands.
+//! * [`container`]: containers (an upper and work dir over an image's
+//!   layers) and the `unionfs container ...` commands.
 //! * [`output`]: human sizes, tables, the terminal check.
 
 pub mod archive;
+pub mod container;
 pub mod df;
 pub mod digest;
 pub mod load;
@@ -37,7 +40,10 @@ impl<T, E: std::fmt::Display> Context<T> for std::result::Result<T, E> {
     }
 }
 
-use crate::cli::{ImageArgs, ImageCommand, OutputFormat, SystemArgs, SystemCommand};
+use crate::cli::{
+    ContainerArgs, ContainerCommand, ImageArgs, ImageCommand, OutputFormat, SystemArgs,
+    SystemCommand,
+};
 
 fn open_store(root: Option<std::path::PathBuf>) -> Result<store::Store> {
     let root = match root {
@@ -68,5 +74,25 @@ pub fn run_system(args: SystemArgs) -> Result<()> {
     let store = open_store(args.root)?;
     match args.command {
         SystemCommand::Df { verbose } => df::df(&store, verbose),
+    }
+}
+
+/// Runs `unionfs container ...`.
+pub fn run_container(args: ContainerArgs) -> Result<()> {
+    let store = open_store(args.root)?;
+    match args.command {
+        ContainerCommand::Create { name, image } => container::create(&store, &name, &image),
+        ContainerCommand::Mount {
+            name,
+            mountpoint,
+            options,
+        } => container::mount(&store, &name, &mountpoint, &options),
+        ContainerCommand::Umount {
+            name,
+            lazy,
+            timeout,
+        } => container::umount(&store, &name, lazy, timeout),
+        ContainerCommand::Ls { format } => container::ls(&store, format == OutputFormat::Json),
+        ContainerCommand::Rm { name } => container::rm(&store, &name),
     }
 }

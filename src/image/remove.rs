@@ -9,13 +9,15 @@ use super::query::{resolve, with_default_tag};
 use super::store::{Index, Store, remove_tree};
 use super::{Context, Result};
 
-/// Layers that containers use, which no `image rm` may delete.
-///
-/// Hook for the containers half of issue #10: a container's lower layers
-/// must stay while it exists even when its image goes. Returns none until
-/// containers exist; `system df` counts them as active through it too.
-pub fn layers_in_use_by_containers(_store: &Store, _index: &Index) -> BTreeSet<Digest> {
-    BTreeSet::new()
+/// Layers that containers use, which no `image rm` may delete: a
+/// container's lowers stay while it exists. `system df` counts them as
+/// active through it too.
+pub fn layers_in_use_by_containers(_store: &Store, index: &Index) -> BTreeSet<Digest> {
+    index
+        .containers
+        .values()
+        .flat_map(|c| c.layers.iter().cloned())
+        .collect()
 }
 
 pub fn rm(store: &Store, reference: &str) -> Result<()> {
@@ -38,6 +40,15 @@ pub fn rm(store: &Store, reference: &str) -> Result<()> {
         store.write_index(&lock, &index)?;
         println!("Untagged: {tag}");
         return Ok(());
+    }
+    if let Some(users) = index.images_in_use().get(&id) {
+        return Err(format!(
+            "image {} is in use by container{} {}: remove {} first (unionfs container rm NAME)",
+            tag.as_deref().unwrap_or(reference),
+            if users.len() > 1 { "s" } else { "" },
+            users.join(", "),
+            if users.len() > 1 { "them" } else { "it" },
+        ));
     }
     let removed = index.images.remove(&id).expect("resolved");
     let mut keep = index.referenced_layers();

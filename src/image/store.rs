@@ -6,6 +6,7 @@
 //! <root>/images/<id hex>.json  each image's config, byte for byte (its sha256 is the ID)
 //! <root>/layers/<diff_id hex>/ each layer unpacked, read as a unionfs lower
 //! <root>/tmp/<name>/           work in progress, flock'ed by its owner
+//! <root>/containers/<name>/    a container's upper/ and work/ (index: image, created)
 //! ```
 //!
 //! Invariant, outside the lock: a layer directory exists iff the index
@@ -14,6 +15,11 @@
 //! renames them into place and writes the index (temp file, fsync, rename).
 //! A process killed at any point leaves at worst an unlocked `tmp/` entry
 //! or an unreferenced layer, which the next command removes ([`Store::collect_garbage`]).
+//!
+//! Containers keep the same invariant: a container is created by making
+//! its directory and then writing the index, and removed by writing the
+//! index and then removing its directory, both under the exclusive lock;
+//! a container directory the index does not list is a crash's leftover.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
@@ -32,6 +38,24 @@ use super::{Context, Result};
 pub struct Index {
     pub images: BTreeMap<Digest, ImageRecord>,
     pub layers: BTreeMap<Digest, LayerRecord>,
+    /// Containers by name (absent in indexes written before containers).
+    #[serde(default)]
+    pub containers: BTreeMap<String, ContainerRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    /// The image it was created from; `image rm` refuses it while the
+    /// container exists.
+    pub image: Digest,
+    /// The image's diff_ids at creation, bottom layer first: its lowers.
+    pub layers: Vec<Digest>,
+    /// When it was created (seconds since the epoch).
+    pub created: u64,
+    /// Where `container mount` last mounted it; whether it is still
+    /// mounted there is what /proc/self/mountinfo says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mountpoint: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,6 +76,15 @@ pub struct LayerRecord {
 }
 
 impl Index {
+    /// The images containers were created from, with the containers' names.
+    pub fn images_in_use(&self) -> BTreeMap<&Digest, Vec<&str>> {
+        let mut users: BTreeMap<&Digest, Vec<&str>> = BTreeMap::new();
+        for (name, container) in &self.containers {
+            users.entry(&container.image).or_default().push(name);
+        }
+        users
+    }
+
     /// Layers some image uses.
     pub fn referenced_layers(&self) -> BTreeSet<Digest> {
         self.images
@@ -122,7 +155,7 @@ impl Store {
         // Layers hold setuid files and device nodes: only the owner may
         // walk the store (docker's /var/lib/docker is 0710 for the same reason).
         builder.recursive(true).mode(0o700);
-        for dir in ["", "images", "layers", "tmp"] {
+        for dir in ["", "images", "layers", "tmp", "containers"] {
             builder
                 .create(root.join(dir))
                 .ctx(|| format!("cannot create the store at {}", root.display()))?;
@@ -164,6 +197,14 @@ impl Store {
 
     pub fn layer_dir(&self, diff_id: &Digest) -> PathBuf {
         self.root.join("layers").join(diff_id.hex())
+    }
+
+    pub fn containers_dir(&self) -> PathBuf {
+        self.root.join("containers")
+    }
+
+    pub fn container_dir(&self, name: &str) -> PathBuf {
+        self.containers_dir().join(name)
     }
 
     pub fn config_path(&self, id: &Digest) -> PathBuf {
@@ -253,6 +294,19 @@ impl Store {
             if !listed {
                 let _ = fs::remove_file(self.root.join("images").join(&name));
             }
+        }
+        for name in read_dir_names(&self.containers_dir())? {
+            if index.containers.contains_key(&name) {
+                continue;
+            }
+            // A create or rm that was killed. Never one a daemon serves:
+            // it holds the work dir's flock.
+            if super::container::work_dir_busy(self, &name) {
+                continue;
+            }
+            let path = self.container_dir(&name);
+            super::container::remove_deep(&path)
+                .map_err(|e| format!("cannot remove leftover {}: {e}", path.display()))?;
         }
         Ok(())
     }
