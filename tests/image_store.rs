@@ -16,6 +16,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::podman::{Podman, install_busybox};
 use common::*;
 use sha2::{Digest as _, Sha256};
 
@@ -56,69 +57,6 @@ struct Fixture {
     result_tree: BTreeMap<String, String>,
 }
 
-struct Podman {
-    root: PathBuf,
-    runroot: tempfile::TempDir,
-}
-
-impl Podman {
-    fn cmd(&self) -> Command {
-        let mut cmd = Command::new("podman");
-        cmd.arg("--root")
-            .arg(&self.root)
-            .arg("--runroot")
-            .arg(self.runroot.path())
-            .args(["--storage-driver", "overlay", "--runtime", "runc"])
-            .args(["--cgroup-manager", "cgroupfs", "--events-backend", "file"]);
-        cmd
-    }
-
-    fn ok(&self, args: &[&str], dir: &Path) -> String {
-        let out = run_with_timeout(
-            self.cmd().args(args).current_dir(dir),
-            Duration::from_secs(300),
-        );
-        assert!(
-            out.status.success(),
-            "podman {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-
-    fn inspect(&self, image: &str, dir: &Path) -> (String, Vec<String>) {
-        let id = self.ok(&["image", "inspect", "--format", "{{.Id}}", image], dir);
-        let layers = self.ok(
-            &[
-                "image",
-                "inspect",
-                "--format",
-                "{{json .RootFS.Layers}}",
-                image,
-            ],
-            dir,
-        );
-        (
-            format!("sha256:{}", id.trim_start_matches("sha256:")),
-            serde_json::from_str(&layers).unwrap(),
-        )
-    }
-}
-
-impl Drop for Podman {
-    fn drop(&mut self) {
-        let _ = run(self.cmd().args(["rmi", "-af"]));
-        let _ = run(self.cmd().args(["system", "reset", "-f"]));
-        for root in [self.root.clone(), self.runroot.path().to_path_buf()] {
-            let mounts = unionfs::mountinfo::read().unwrap_or_default();
-            for m in mounts.iter().filter(|m| m.mount_point.starts_with(&root)) {
-                let _ = nix::mount::umount2(&m.mount_point, nix::mount::MntFlags::MNT_DETACH);
-            }
-        }
-    }
-}
-
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(build_fixture)
@@ -131,16 +69,13 @@ fn build_fixture() -> Fixture {
     for d in ["bin", "etc", "tmp", "data/sub"] {
         fs::create_dir_all(rootfs.join(d)).unwrap();
     }
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("busybox-static is not installed (scripts/test.sh installs it)");
-    fs::copy(busybox, rootfs.join("bin/busybox")).unwrap();
-    for applet in [
-        "sh", "ls", "cat", "echo", "mkdir", "rm", "chmod", "chown", "ln", "mv", "touch", "mkfifo",
-    ] {
-        symlink("busybox", rootfs.join("bin").join(applet));
-    }
+    install_busybox(
+        &rootfs,
+        &[
+            "sh", "ls", "cat", "echo", "mkdir", "rm", "chmod", "chown", "ln", "mv", "touch",
+            "mkfifo",
+        ],
+    );
     for (path, content) in BASE_FILES {
         write(rootfs.join(path), content);
     }
@@ -153,13 +88,7 @@ fn build_fixture() -> Fixture {
     fs::write(dir.join("Containerfile"), CONTAINERFILE).unwrap();
     fs::write(dir.join("Containerfile.other"), OTHER_CONTAINERFILE).unwrap();
 
-    let podman = Podman {
-        root: dir.join("podman"),
-        runroot: tempfile::Builder::new()
-            .prefix("ufs-img")
-            .tempdir_in("/run")
-            .unwrap(),
-    };
+    let podman = Podman::new(dir.join("podman"));
     let limits = ["--network", "none", "--ulimit", "nofile=1024:1024"];
     podman.ok(&["import", "rootfs.tar", "base"], &dir);
     for (tag, file) in [

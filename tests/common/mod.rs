@@ -4,6 +4,8 @@
 //! hanging CI.
 #![allow(dead_code)]
 
+pub mod podman;
+
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs;

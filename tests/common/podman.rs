@@ -1,0 +1,99 @@
+//! podman with a private store (`--root`, `--runroot`), no network: builds
+//! test images from a busybox-static root filesystem. Dropping it removes
+//! its images and storage and detaches anything it left mounted.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use super::{run, run_with_timeout};
+
+pub struct Podman {
+    pub root: PathBuf,
+    pub runroot: tempfile::TempDir,
+}
+
+impl Podman {
+    /// A podman whose storage is `root`; its runroot is under /run.
+    pub fn new(root: PathBuf) -> Podman {
+        Podman {
+            root,
+            runroot: tempfile::Builder::new()
+                .prefix("ufs-img")
+                .tempdir_in("/run")
+                .unwrap(),
+        }
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut cmd = Command::new("podman");
+        cmd.arg("--root")
+            .arg(&self.root)
+            .arg("--runroot")
+            .arg(self.runroot.path())
+            .args(["--storage-driver", "overlay", "--runtime", "runc"])
+            .args(["--cgroup-manager", "cgroupfs", "--events-backend", "file"]);
+        cmd
+    }
+
+    /// Runs podman in `dir`; panics with its output on failure.
+    pub fn ok(&self, args: &[&str], dir: &Path) -> String {
+        let out = run_with_timeout(
+            self.cmd().args(args).current_dir(dir),
+            Duration::from_secs(300),
+        );
+        assert!(
+            out.status.success(),
+            "podman {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// The image's ID (`sha256:...`) and diff_ids.
+    pub fn inspect(&self, image: &str, dir: &Path) -> (String, Vec<String>) {
+        let id = self.ok(&["image", "inspect", "--format", "{{.Id}}", image], dir);
+        let layers = self.ok(
+            &[
+                "image",
+                "inspect",
+                "--format",
+                "{{json .RootFS.Layers}}",
+                image,
+            ],
+            dir,
+        );
+        (
+            format!("sha256:{}", id.trim_start_matches("sha256:")),
+            serde_json::from_str(&layers).unwrap(),
+        )
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = run(self.cmd().args(["rmi", "-af"]));
+        let _ = run(self.cmd().args(["system", "reset", "-f"]));
+        for root in [self.root.clone(), self.runroot.path().to_path_buf()] {
+            let mounts = unionfs::mountinfo::read().unwrap_or_default();
+            for m in mounts.iter().filter(|m| m.mount_point.starts_with(&root)) {
+                let _ = nix::mount::umount2(&m.mount_point, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+}
+
+/// Copies busybox (static) into `rootfs/bin` with the given applets as
+/// symlinks to it.
+pub fn install_busybox(rootfs: &Path, applets: &[&str]) {
+    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("busybox-static is not installed (scripts/test.sh installs it)");
+    std::fs::copy(busybox, rootfs.join("bin/busybox")).unwrap();
+    for applet in applets {
+        super::symlink("busybox", rootfs.join("bin").join(applet));
+    }
+}
