@@ -1,6 +1,8 @@
 //! `unionfs system df [-v]`: what the store holds and what removing
 //! images would give back, as `docker system df` reports it. Sizes are
 //! layer content sizes; a layer shared by several images counts once.
+//! The layers' original tars (kept for `image save`) are a row of their
+//! own: they take about as much space again.
 
 use std::collections::BTreeMap;
 
@@ -40,6 +42,20 @@ pub fn df(store: &Store, verbose: bool) -> Result<()> {
         .map(|(_, l)| l.size)
         .sum();
     let percent = (reclaimable * 100).checked_div(total).unwrap_or(0);
+    let tar_of = |d: &Digest| index.layers.get(d).and_then(|l| l.tar_size).unwrap_or(0);
+    let tars = index.tar_bytes();
+    let tar_count = index
+        .layers
+        .values()
+        .filter(|l| l.tar_size.is_some())
+        .count();
+    let tars_reclaimable: u64 = index
+        .layers
+        .keys()
+        .filter(|d| !in_use.contains(*d))
+        .map(tar_of)
+        .sum();
+    let tars_percent = (tars_reclaimable * 100).checked_div(tars).unwrap_or(0);
     print_table(
         &["TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"],
         &[
@@ -56,6 +72,13 @@ pub fn df(store: &Store, verbose: bool) -> Result<()> {
                 in_use.len().to_string(),
                 human_size(total),
                 format!("{} ({percent}%)", human_size(reclaimable)),
+            ],
+            vec![
+                "Layer tars".into(),
+                tar_count.to_string(),
+                in_use.iter().filter(|d| tar_of(d) > 0).count().to_string(),
+                human_size(tars),
+                format!("{} ({tars_percent}%)", human_size(tars_reclaimable)),
             ],
         ],
     );
@@ -108,10 +131,11 @@ pub fn df(store: &Store, verbose: bool) -> Result<()> {
             vec![
                 d.short().to_string(),
                 human_size(l.size),
+                l.tar_size.map_or("-".into(), human_size),
                 users.get(d).copied().unwrap_or(0).to_string(),
             ]
         })
         .collect();
-    print_table(&["LAYER", "SIZE", "IMAGES"], &rows);
+    print_table(&["LAYER", "SIZE", "TAR SIZE", "IMAGES"], &rows);
     Ok(())
 }
