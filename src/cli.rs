@@ -30,7 +30,7 @@ pub enum Command {
     /// Unmount a unionfs mount and wait for its daemon to exit
     #[command(alias = "unmount")]
     Umount(UmountArgs),
-    /// Load, list, inspect and remove images in the image store
+    /// Load, save, list, inspect and remove images in the image store
     Image(ImageArgs),
     /// Store-wide information (disk usage)
     System(SystemArgs),
@@ -58,6 +58,20 @@ pub enum ImageCommand {
         #[arg(short = 'q', long)]
         quiet: bool,
     },
+    /// Write an image as a docker-archive or oci-archive (gzip layers)
+    /// that `podman load` and `docker load` take
+    Save {
+        /// NAME[:TAG] or (short) ID
+        image: String,
+        /// Write the archive to FILE instead of stdout
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = ArchiveFormat::DockerArchive)]
+        format: ArchiveFormat,
+        /// No progress bar
+        #[arg(short = 'q', long)]
+        quiet: bool,
+    },
     /// List images: NAME:TAG, ID, created, size
     #[command(alias = "list")]
     Ls {
@@ -82,6 +96,12 @@ pub enum ImageCommand {
         /// NAME[:TAG] or (short) ID
         image: String,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ArchiveFormat {
+    DockerArchive,
+    OciArchive,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
