@@ -30,7 +30,7 @@ pub enum Command {
     /// Unmount a unionfs mount and wait for its daemon to exit
     #[command(alias = "unmount")]
     Umount(UmountArgs),
-    /// Load, list, inspect and remove images in the image store
+    /// Load, save, list, inspect and remove images in the image store
     Image(ImageArgs),
     /// Create, mount, list and remove containers (a writable layer over an image)
     Container(ContainerArgs),
@@ -57,6 +57,20 @@ pub enum ImageCommand {
         #[arg(short = 'i', long = "input", value_name = "FILE")]
         input: Option<PathBuf>,
         /// No progress bar and no per-layer lines
+        #[arg(short = 'q', long)]
+        quiet: bool,
+    },
+    /// Write an image as a docker-archive or oci-archive (gzip layers)
+    /// that `podman load` and `docker load` take
+    Save {
+        /// NAME[:TAG] or (short) ID
+        image: String,
+        /// Write the archive to FILE instead of stdout
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = ArchiveFormat::DockerArchive)]
+        format: ArchiveFormat,
+        /// No progress bar
         #[arg(short = 'q', long)]
         quiet: bool,
     },
@@ -133,6 +147,12 @@ pub enum ContainerCommand {
     /// Remove an unmounted container and its writable layer
     #[command(alias = "remove")]
     Rm { name: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ArchiveFormat {
+    DockerArchive,
+    OciArchive,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

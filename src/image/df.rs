@@ -3,6 +3,8 @@
 //! layer content sizes; a layer shared by several images counts once.
 //! Containers count by the bytes in their uppers; their images' layers are
 //! active (not reclaimable) while they exist.
+//! The layers' original tars (kept for `image save`) are a row of their
+//! own: they take about as much space again.
 
 use std::collections::BTreeMap;
 
@@ -53,6 +55,20 @@ pub fn df(store: &Store, verbose: bool) -> Result<()> {
         .map(|(_, l)| l.size)
         .sum();
     let percent = (reclaimable * 100).checked_div(total).unwrap_or(0);
+    let tar_of = |d: &Digest| index.layers.get(d).and_then(|l| l.tar_size).unwrap_or(0);
+    let tars = index.tar_bytes();
+    let tar_count = index
+        .layers
+        .values()
+        .filter(|l| l.tar_size.is_some())
+        .count();
+    let tars_reclaimable: u64 = index
+        .layers
+        .keys()
+        .filter(|d| !in_use.contains(*d))
+        .map(tar_of)
+        .sum();
+    let tars_percent = (tars_reclaimable * 100).checked_div(tars).unwrap_or(0);
     print_table(
         &["TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"],
         &[
@@ -69,6 +85,13 @@ pub fn df(store: &Store, verbose: bool) -> Result<()> {
                 in_use.len().to_string(),
                 human_size(total),
                 format!("{} ({percent}%)", human_size(reclaimable)),
+            ],
+            vec![
+                "Layer tars".into(),
+                tar_count.to_string(),
+                in_use.iter().filter(|d| tar_of(d) > 0).count().to_string(),
+                human_size(tars),
+                format!("{} ({tars_percent}%)", human_size(tars_reclaimable)),
             ],
             vec![
                 "Containers".into(),
@@ -131,11 +154,12 @@ pub fn df(store: &Store, verbose: bool) -> Result<()> {
             vec![
                 d.short().to_string(),
                 human_size(l.size),
+                l.tar_size.map_or("-".into(), human_size),
                 users.get(d).copied().unwrap_or(0).to_string(),
             ]
         })
         .collect();
-    print_table(&["LAYER", "SIZE", "IMAGES"], &rows);
+    print_table(&["LAYER", "SIZE", "TAR SIZE", "IMAGES"], &rows);
     println!("\nContainers space usage:\n");
     let rows: Vec<Vec<String>> = containers
         .iter()

@@ -5,13 +5,16 @@
 //! 2. Layers the index already has are not unpacked again ("Already exists").
 //! 3. Every other layer is unpacked into the work dir in one pass that
 //!    hashes both the compressed stream (against the manifest's digest,
-//!    where it gives one) and the decompressed one (against the diff_id).
-//! 4. Under the exclusive lock: the verified layers are renamed into
-//!    `layers/`, the configs written, the index replaced. Any failure before
+//!    where it gives one) and the decompressed one (against the diff_id),
+//!    and keeps that decompressed tar byte for byte (`image save` writes
+//!    it back: the unpacked tree alone cannot reproduce the diff_id).
+//! 4. Under the exclusive lock: the verified layers and their tars are
+//!    renamed into `layers/` and `blobs/sha256/`, the configs written, the
+//!    index replaced. Any failure before
 //!    this leaves the store as it was; the work dir goes with the process.
 
 use std::fs::{self, File};
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
@@ -35,6 +38,9 @@ struct ReadyLayer {
     diff_id: Digest,
     dir: PathBuf,
     size: u64,
+    /// The uncompressed tar, verified against the diff_id.
+    tar: PathBuf,
+    tar_size: u64,
 }
 
 pub fn load(store: &Store, options: &LoadOptions) -> Result<()> {
@@ -50,10 +56,14 @@ pub fn load(store: &Store, options: &LoadOptions) -> Result<()> {
     };
     let plans = archive::plans(&files)?;
 
-    let known = {
+    // A layer stored before unionfs kept layer tars is unpacked again, for its tar.
+    let known: std::collections::BTreeMap<Digest, _> = {
         let lock = store.lock_shared()?;
         store.read_index(&lock)?.layers
-    };
+    }
+    .into_iter()
+    .filter(|(_, l)| l.tar_size.is_some())
+    .collect();
     let mut to_unpack: Vec<&LayerSource> = Vec::new();
     for plan in &plans {
         for layer in &plan.layers {
@@ -87,12 +97,15 @@ pub fn load(store: &Store, options: &LoadOptions) -> Result<()> {
                 to_unpack.len(),
                 layer.diff_id.short()
             ));
-            let size = unpack_verified(layer, &dir, &progress)?;
+            let tar = work.path().join(format!("tar-{}", layer.diff_id.hex()));
+            let (size, tar_size) = unpack_verified(layer, &dir, &tar, &progress)?;
             say(format!("{}: Loaded", layer.diff_id.short()));
             ready.push(ReadyLayer {
                 diff_id: layer.diff_id.clone(),
                 dir,
                 size,
+                tar,
+                tar_size,
             });
         }
     }
@@ -178,9 +191,29 @@ impl<R: BufRead> Read for Decompressor<R> {
     }
 }
 
-/// Unpacks one layer into `dir`, verifying both digests in the same pass.
-/// Returns the layer's content size.
-fn unpack_verified(layer: &LayerSource, dir: &Path, progress: &ProgressBar) -> Result<u64> {
+/// Copies what is read through it to a file: the layer's uncompressed tar.
+struct TeeReader<R> {
+    inner: R,
+    copy: BufWriter<File>,
+}
+
+impl<R: Read> Read for TeeReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.copy.write_all(&buf[..n])?;
+        Ok(n)
+    }
+}
+
+/// Unpacks one layer into `dir` and keeps its uncompressed tar in `tar`,
+/// verifying both digests in the same pass. Returns the layer's content
+/// size and the tar's size.
+fn unpack_verified(
+    layer: &LayerSource,
+    dir: &Path,
+    tar: &Path,
+    progress: &ProgressBar,
+) -> Result<(u64, u64)> {
     let what = || format!("layer {}", layer.diff_id);
     fs::DirBuilder::new()
         .mode(0o755)
@@ -192,14 +225,24 @@ fn unpack_verified(layer: &LayerSource, dir: &Path, progress: &ProgressBar) -> R
     let (compressed, compressed_tally) = HashingReader::new(blob, Box::new(move |n| bar.inc(n)));
     let source = BufReader::with_capacity(256 * 1024, compressed);
     let decompressor = Decompressor::new(source, layer.compression).ctx(what)?;
-    let (tar_stream, tar_tally) = HashingReader::new(decompressor, Box::new(|_| {}));
+    let copy = File::create(tar).ctx(|| format!("create {}", tar.display()))?;
+    let tee = TeeReader {
+        inner: decompressor,
+        copy: BufWriter::with_capacity(256 * 1024, copy),
+    };
+    let (tar_stream, tar_tally) = HashingReader::new(tee, Box::new(|_| {}));
     let (unpacked, rest) = unpack_layer(tar_stream, &root)
         .map_err(|e| format!("layer {} is corrupt or refused: {e}", layer.diff_id))?;
     // The diff_id covers the whole tar, padding after the end marker included.
     let mut rest = rest;
     io::copy(&mut rest, &mut io::sink())
         .map_err(|e| format!("layer {} is corrupt: {e}", layer.diff_id))?;
-    io::copy(&mut rest.into_inner().into_source(), &mut io::sink()).ctx(what)?;
+    let tee = rest.into_inner();
+    tee.copy
+        .into_inner()
+        .map_err(|e| e.into_error())
+        .ctx(|| format!("write {}", tar.display()))?;
+    io::copy(&mut tee.inner.into_source(), &mut io::sink()).ctx(what)?;
     check(
         &tar_tally,
         &layer.diff_id,
@@ -217,7 +260,7 @@ fn unpack_verified(layer: &LayerSource, dir: &Path, progress: &ProgressBar) -> R
             )
         });
     }
-    Ok(unpacked.content_size)
+    Ok((unpacked.content_size, tar_tally.bytes()))
 }
 
 fn check(tally: &Tally, expected: &Digest, what: &str, layer: &LayerSource) -> Result<()> {
@@ -250,15 +293,30 @@ fn commit(store: &Store, plans: &[LoadPlan], ready: Vec<ReadyLayer>) -> Result<(
         }
     }
     for layer in ready {
-        if index.layers.contains_key(&layer.diff_id) {
+        let tar_target = store.layer_tar(&layer.diff_id);
+        match index.layers.get_mut(&layer.diff_id) {
             // Another load stored it meanwhile: one copy is enough.
-            continue;
+            Some(record) if record.tar_size.is_some() => continue,
+            // Stored before tars were kept: the tree stays, the tar joins it.
+            Some(record) => {
+                fs::rename(&layer.tar, &tar_target)
+                    .ctx(|| format!("move layer tar into {}", tar_target.display()))?;
+                record.tar_size = Some(layer.tar_size);
+                continue;
+            }
+            None => {}
         }
         let target = store.layer_dir(&layer.diff_id);
         fs::rename(&layer.dir, &target).ctx(|| format!("move layer into {}", target.display()))?;
-        index
-            .layers
-            .insert(layer.diff_id, LayerRecord { size: layer.size });
+        fs::rename(&layer.tar, &tar_target)
+            .ctx(|| format!("move layer tar into {}", tar_target.display()))?;
+        index.layers.insert(
+            layer.diff_id,
+            LayerRecord {
+                size: layer.size,
+                tar_size: Some(layer.tar_size),
+            },
+        );
     }
     for plan in plans {
         store.write_config(&plan.id, &plan.config)?;

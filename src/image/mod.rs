@@ -10,7 +10,7 @@
 //! * [`store`]: the on-disk layout, its lock, the index, temp work dirs.
 //! * [`archive`]: reading docker-archive and oci-archive tars into a load plan.
 //! * [`unpack`]: extracting one layer tar over directory descriptors.
-//! * [`load`], [`query`], [`remove`], [`df`]: the commands.
+//! * [`load`], [`save`], [`query`], [`remove`], [`df`]: the commands.
 //! * [`container`]: containers (an upper and work dir over an image's
 //!   layers) and the `unionfs container ...` commands.
 //! * [`output`]: human sizes, tables, the terminal check.
@@ -23,6 +23,7 @@ pub mod load;
 pub mod output;
 pub mod query;
 pub mod remove;
+pub mod save;
 pub mod store;
 pub mod unpack;
 
@@ -41,8 +42,8 @@ impl<T, E: std::fmt::Display> Context<T> for std::result::Result<T, E> {
 }
 
 use crate::cli::{
-    ContainerArgs, ContainerCommand, ImageArgs, ImageCommand, OutputFormat, SystemArgs,
-    SystemCommand,
+    ArchiveFormat, ContainerArgs, ContainerCommand, ImageArgs, ImageCommand, OutputFormat,
+    SystemArgs, SystemCommand,
 };
 
 fn open_store(root: Option<std::path::PathBuf>) -> Result<store::Store> {
@@ -60,6 +61,23 @@ pub fn run_image(args: ImageArgs) -> Result<()> {
         ImageCommand::Load { input, quiet } => {
             load::load(&store, &load::LoadOptions { input, quiet })
         }
+        ImageCommand::Save {
+            image,
+            output,
+            format,
+            quiet,
+        } => save::save(
+            &store,
+            &save::SaveOptions {
+                image,
+                output,
+                format: match format {
+                    ArchiveFormat::DockerArchive => save::SaveFormat::DockerArchive,
+                    ArchiveFormat::OciArchive => save::SaveFormat::OciArchive,
+                },
+                quiet,
+            },
+        ),
         ImageCommand::Ls { format } => query::ls(&store, format == OutputFormat::Json),
         ImageCommand::History { image, format } => {
             query::history(&store, &image, format == OutputFormat::Json)

@@ -71,6 +71,13 @@ pub fn rm(store: &Store, reference: &str) -> Result<()> {
     for diff_id in &orphaned {
         let dir = store.layer_dir(diff_id);
         remove_tree(&dir).ctx(|| format!("remove {}", dir.display()))?;
+        let tar = store.layer_tar(diff_id);
+        match fs::remove_file(&tar) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(format!("cannot remove {}: {e}", tar.display()));
+            }
+            _ => {}
+        }
     }
     for tag in &removed.repo_tags {
         println!("Untagged: {tag}");

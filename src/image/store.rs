@@ -5,6 +5,8 @@
 //! <root>/index.json            images (tags, diff_ids) and layers (sizes)
 //! <root>/images/<id hex>.json  each image's config, byte for byte (its sha256 is the ID)
 //! <root>/layers/<diff_id hex>/ each layer unpacked, read as a unionfs lower
+//! <root>/blobs/sha256/<diff_id hex>  each layer's original uncompressed tar, byte for byte
+//!                              (its sha256 is the diff_id), for `image save`
 //! <root>/tmp/<name>/           work in progress, flock'ed by its owner
 //! <root>/containers/<name>/    a container's upper/ and work/ (index: image, created)
 //! ```
@@ -73,6 +75,11 @@ pub struct LayerRecord {
     /// Bytes of file content in the layer (hard links counted once), as
     /// docker reports a layer's size.
     pub size: u64,
+    /// Bytes of the layer's original tar kept in `blobs/sha256/`; `None`
+    /// for a layer loaded before unionfs kept the tars (it cannot be
+    /// saved until an image with it is loaded again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tar_size: Option<u64>,
 }
 
 impl Index {
@@ -91,6 +98,11 @@ impl Index {
             .values()
             .flat_map(|i| i.layers.iter().cloned())
             .collect()
+    }
+
+    /// Bytes of the kept layer tars.
+    pub fn tar_bytes(&self) -> u64 {
+        self.layers.values().filter_map(|l| l.tar_size).sum()
     }
 
     pub fn image_size(&self, image: &ImageRecord) -> u64 {
@@ -155,7 +167,15 @@ impl Store {
         // Layers hold setuid files and device nodes: only the owner may
         // walk the store (docker's /var/lib/docker is 0710 for the same reason).
         builder.recursive(true).mode(0o700);
-        for dir in ["", "images", "layers", "tmp", "containers"] {
+        for dir in [
+            "",
+            "images",
+            "layers",
+            "blobs",
+            "blobs/sha256",
+            "tmp",
+            "containers",
+        ] {
             builder
                 .create(root.join(dir))
                 .ctx(|| format!("cannot create the store at {}", root.display()))?;
@@ -205,6 +225,12 @@ impl Store {
 
     pub fn container_dir(&self, name: &str) -> PathBuf {
         self.containers_dir().join(name)
+    }
+
+    /// The layer's original uncompressed tar (content-addressed: its
+    /// sha256 is the diff_id).
+    pub fn layer_tar(&self, diff_id: &Digest) -> PathBuf {
+        self.root.join("blobs/sha256").join(diff_id.hex())
     }
 
     pub fn config_path(&self, id: &Digest) -> PathBuf {
@@ -262,8 +288,8 @@ impl Store {
         })
     }
 
-    /// Removes crash leftovers: unlocked `tmp/` entries, layer directories
-    /// and configs the index does not list. Needs the exclusive lock (a
+    /// Removes crash leftovers: unlocked `tmp/` entries, layer directories,
+    /// layer tars and configs the index does not list. Needs the exclusive lock (a
     /// load renames layers in and writes the index under one holding of it).
     pub fn collect_garbage(&self, lock: &StoreLock) -> Result<()> {
         for entry in read_dir_names(&self.root.join("tmp"))? {
@@ -284,6 +310,14 @@ impl Store {
             if !listed {
                 let path = self.root.join("layers").join(&name);
                 remove_tree(&path).ctx(|| format!("cannot remove stray {}", path.display()))?;
+            }
+        }
+        for name in read_dir_names(&self.root.join("blobs/sha256"))? {
+            let listed = Digest::from_hex(&name)
+                .and_then(|d| index.layers.get(&d))
+                .is_some_and(|l| l.tar_size.is_some());
+            if !listed {
+                let _ = fs::remove_file(self.root.join("blobs/sha256").join(&name));
             }
         }
         for name in read_dir_names(&self.root.join("images"))? {

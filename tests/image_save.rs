@@ -1,0 +1,379 @@
+//! `unionfs image save` with a real client: podman builds an image from a
+//! busybox-static root filesystem (no network) with several layers,
+//! deletions, hard links and a setuid file; it is saved by podman, loaded
+//! into unionfs, saved by unionfs as docker-archive and oci-archive, and
+//! each archive, loaded into an emptied podman, must give the same image
+//! ID and diff_ids and, run with runc, the same tree.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::*;
+
+const CONTAINERFILE: &str = "FROM base
+RUN echo changed >> /data/a && chmod 600 /data/a && chown 12:34 /data/a
+RUN rm /data/gone && ln /data/sub/b /data/hard && mkdir /data/new && echo n > /data/new/f
+RUN rm -rf /data/sub && mkdir /data/sub && echo fresh > /data/sub/c && touch /data/s && chmod 4755 /data/s
+RUN ln /data/s /data/s2 && ln -s /data/hard /data/link
+";
+
+/// Lists the image's tree from inside a container: path, type, mode,
+/// owner, size, and the content of every regular file.
+/// (/etc/hostname and /etc/hosts are podman's, per container.)
+const LIST: &str = "find /data /bin /etc/passwd | sort | xargs stat -c '%n %F %a %u:%g %s %h' && \
+    find /data /etc/passwd -type f | sort | xargs sha256sum";
+
+const IMAGE: &str = "localhost/saved:latest";
+
+struct Podman {
+    root: PathBuf,
+    runroot: tempfile::TempDir,
+}
+
+impl Podman {
+    /// A podman with its own storage under `dir`; removed on drop.
+    fn new(dir: &Path, name: &str) -> Podman {
+        Podman {
+            root: dir.join(name),
+            runroot: tempfile::Builder::new()
+                .prefix("ufs-save")
+                .tempdir_in("/run")
+                .unwrap(),
+        }
+    }
+
+    fn cmd(&self) -> Command {
+        let mut cmd = Command::new("podman");
+        cmd.arg("--root")
+            .arg(&self.root)
+            .arg("--runroot")
+            .arg(self.runroot.path())
+            .args(["--storage-driver", "overlay", "--runtime", "runc"])
+            .args(["--cgroup-manager", "cgroupfs", "--events-backend", "file"]);
+        cmd
+    }
+
+    fn ok(&self, args: &[&str], dir: &Path) -> String {
+        let out = run_with_timeout(
+            self.cmd().args(args).current_dir(dir),
+            Duration::from_secs(300),
+        );
+        assert!(
+            out.status.success(),
+            "podman {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// The image's ID and diff_ids.
+    fn inspect(&self, image: &str, dir: &Path) -> (String, Vec<String>) {
+        let id = self.ok(&["image", "inspect", "--format", "{{.Id}}", image], dir);
+        let layers = self.ok(
+            &[
+                "image",
+                "inspect",
+                "--format",
+                "{{json .RootFS.Layers}}",
+                image,
+            ],
+            dir,
+        );
+        (
+            format!("sha256:{}", id.trim_start_matches("sha256:")),
+            serde_json::from_str(&layers).unwrap(),
+        )
+    }
+
+    fn listing(&self, image: &str, dir: &Path) -> String {
+        self.ok(
+            &[
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                "--ulimit",
+                "nofile=1024:1024",
+                "--ulimit",
+                "nproc=1024:1024",
+                image,
+                "sh",
+                "-c",
+                LIST,
+            ],
+            dir,
+        )
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = run(self.cmd().args(["rm", "-af"]));
+        let _ = run(self.cmd().args(["rmi", "-af"]));
+        let _ = run(self.cmd().args(["system", "reset", "-f"]));
+        for root in [self.root.clone(), self.runroot.path().to_path_buf()] {
+            let mounts = unionfs::mountinfo::read().unwrap_or_default();
+            for m in mounts.iter().filter(|m| m.mount_point.starts_with(&root)) {
+                let _ = nix::mount::umount2(&m.mount_point, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+}
+
+struct Fixture {
+    dir: PathBuf,
+    /// `podman save` of the image (docker-archive).
+    original: PathBuf,
+    id: String,
+    diff_ids: Vec<String>,
+    listing: String,
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(build_fixture)
+}
+
+fn build_fixture() -> Fixture {
+    let dir = Scratch::new().dir.keep();
+    let rootfs = dir.join("rootfs");
+    for d in ["bin", "etc", "tmp", "data/sub"] {
+        fs::create_dir_all(rootfs.join(d)).unwrap();
+    }
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("busybox-static is not installed (scripts/test.sh installs it)");
+    fs::copy(busybox, rootfs.join("bin/busybox")).unwrap();
+    for applet in [
+        "sh",
+        "cat",
+        "echo",
+        "mkdir",
+        "rm",
+        "chmod",
+        "chown",
+        "ln",
+        "touch",
+        "find",
+        "sort",
+        "xargs",
+        "stat",
+        "sha256sum",
+    ] {
+        symlink("busybox", rootfs.join("bin").join(applet));
+    }
+    for (path, content) in [
+        ("data/a", &b"base\n"[..]),
+        ("data/sub/b", b"base2\n"),
+        ("data/gone", b"gone\n"),
+        ("etc/passwd", b"root:x:0:0:root:/:/bin/sh\n"),
+    ] {
+        write(rootfs.join(path), content);
+    }
+    sh(Command::new("tar")
+        .arg("-C")
+        .arg(&rootfs)
+        .arg("-cf")
+        .arg(dir.join("rootfs.tar"))
+        .arg("."));
+    fs::write(dir.join("Containerfile"), CONTAINERFILE).unwrap();
+    let podman = Podman::new(&dir, "podman");
+    podman.ok(&["import", "rootfs.tar", "base"], &dir);
+    podman.ok(
+        &[
+            "build",
+            "--network",
+            "none",
+            "--ulimit",
+            "nofile=1024:1024",
+            "-t",
+            IMAGE,
+            "-f",
+            "Containerfile",
+            ".",
+        ],
+        &dir,
+    );
+    let original = dir.join("original.tar");
+    podman.ok(&["save", "-o", original.to_str().unwrap(), IMAGE], &dir);
+    let (id, diff_ids) = podman.inspect(IMAGE, &dir);
+    assert!(diff_ids.len() >= 5, "{diff_ids:?}");
+    let listing = podman.listing(IMAGE, &dir);
+    assert!(
+        listing.contains("/data/s regular") && listing.contains(" 4755 "),
+        "{listing}"
+    );
+    // A static is never dropped: podman's state goes now.
+    drop(podman);
+    Fixture {
+        dir,
+        original,
+        id,
+        diff_ids,
+        listing,
+    }
+}
+
+struct StoreDir {
+    scratch: Scratch,
+}
+
+impl StoreDir {
+    fn new() -> StoreDir {
+        StoreDir {
+            scratch: Scratch::new(),
+        }
+    }
+
+    fn root(&self) -> PathBuf {
+        self.scratch.path("store")
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        run_with_timeout(
+            Command::new(BIN).args(args).arg("--root").arg(self.root()),
+            Duration::from_secs(120),
+        )
+    }
+
+    fn ok(&self, args: &[&str]) -> Vec<u8> {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "unionfs {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
+    /// A store with the podman-built image loaded.
+    fn loaded() -> StoreDir {
+        let store = StoreDir::new();
+        store.ok(&["image", "load", "-i", fixture().original.to_str().unwrap()]);
+        store
+    }
+
+    fn save(&self, format: &str, name: &str) -> PathBuf {
+        let path = self.scratch.path(name);
+        self.ok(&[
+            "image",
+            "save",
+            "saved",
+            "--format",
+            format,
+            "-o",
+            path.to_str().unwrap(),
+        ]);
+        path
+    }
+}
+
+#[test]
+fn saved_archives_load_and_run_in_podman_like_the_original() {
+    let fx = fixture();
+    let store = StoreDir::loaded();
+    let scratch = Scratch::new();
+    let podman = Podman::new(scratch.dir.path(), "podman");
+    for format in ["docker-archive", "oci-archive"] {
+        let archive = store.save(format, &format!("{format}.tar"));
+        // A podman without the original: every layer comes from the archive.
+        podman.ok(&["rmi", "-af"], &fx.dir);
+        let loaded = podman.ok(&["load", "-i", archive.to_str().unwrap()], &fx.dir);
+        assert!(loaded.contains(IMAGE), "{format}: {loaded}");
+        let (id, diff_ids) = podman.inspect(IMAGE, &fx.dir);
+        assert_eq!(id, fx.id, "{format}: image ID");
+        assert_eq!(diff_ids, fx.diff_ids, "{format}: diff_ids");
+        assert_eq!(
+            podman.listing(IMAGE, &fx.dir),
+            fx.listing,
+            "{format}: the tree in a container"
+        );
+    }
+}
+
+#[test]
+fn saving_is_deterministic_and_stdout_matches_the_file() {
+    let store = StoreDir::loaded();
+    for format in ["docker-archive", "oci-archive"] {
+        let first = fs::read(store.save(format, "one.tar")).unwrap();
+        let second = fs::read(store.save(format, "two.tar")).unwrap();
+        assert!(first == second, "{format}: two saves differ");
+        let piped = store.ok(&["image", "save", "localhost/saved", "--format", format]);
+        assert!(piped == first, "{format}: stdout differs from -o");
+    }
+}
+
+#[test]
+fn saved_archives_load_back_into_unionfs_and_rm_removes_the_layer_tars() {
+    let fx = fixture();
+    let store = StoreDir::loaded();
+    let tars = store.root().join("blobs/sha256");
+    assert_eq!(fs::read_dir(&tars).unwrap().count(), fx.diff_ids.len());
+    for format in ["docker-archive", "oci-archive"] {
+        let archive = store.save(format, &format!("{format}.tar"));
+        let other = StoreDir::new();
+        let out = other.ok(&["image", "load", "-i", archive.to_str().unwrap()]);
+        assert!(String::from_utf8_lossy(&out).contains(IMAGE));
+        let info: serde_json::Value =
+            serde_json::from_slice(&other.ok(&["image", "inspect", "saved"])).unwrap();
+        assert_eq!(info[0]["Id"], fx.id.as_str());
+        let layers: Vec<String> =
+            serde_json::from_value(info[0]["RootFS"]["Layers"].clone()).unwrap();
+        assert_eq!(layers, fx.diff_ids, "{format}");
+    }
+    let df = String::from_utf8(store.ok(&["system", "df"])).unwrap();
+    assert!(df.contains("Layer tars"), "{df}");
+    store.ok(&["image", "rm", "saved"]);
+    assert_eq!(fs::read_dir(&tars).unwrap().count(), 0);
+    assert_eq!(
+        fs::read_dir(store.root().join("layers")).unwrap().count(),
+        0
+    );
+}
+
+#[test]
+fn save_errors_are_one_line() {
+    let store = StoreDir::loaded();
+    let target = store.scratch.path("x.tar");
+    let out = store.run(&["image", "save", "nothing", "-o", target.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "unionfs: no such image: nothing"
+    );
+    assert!(!target.exists());
+    let out = store.run(&["image", "save", "saved", "-o", "/nonexistent/dir/x.tar"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("unionfs: cannot write /nonexistent/dir/x.tar")
+            && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+    // A damaged layer tar is caught by its diff_id, and no archive is left.
+    let tars = store.root().join("blobs/sha256");
+    for entry in fs::read_dir(&tars).unwrap() {
+        let path = entry.unwrap().path();
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[0] ^= 1;
+        fs::write(&path, bytes).unwrap();
+    }
+    let out = store.run(&["image", "save", "saved", "-o", target.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no longer matches its diff_id"), "{stderr}");
+    assert!(!target.exists());
+    let leftovers: Vec<_> = fs::read_dir(store.scratch.path(""))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().contains("unionfs-save"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
