@@ -1,0 +1,1 @@
+//! The OCI layer tar of an upper directory.
