@@ -344,7 +344,6 @@ pub(crate) enum Shadowed {
 }
 
 /// One object of the walk.
-#[allow(dead_code)] // the layer tar reads the rest
 pub(crate) struct Item {
     /// Relative to the root (no leading `/`).
     pub path: PathBuf,
@@ -422,8 +421,9 @@ struct Listed {
 /// a 10,000-level tree needs no more.
 const FD_BUDGET: usize = 128;
 
-/// An iterative walk of the upper, names in byte order, directories before
-/// their contents; below a redirected directory the merged view (upper and
+/// An iterative walk of the upper, names in byte order (whiteouts as
+/// `.wh.NAME` when no shadows are asked for: the layer tar's order),
+/// directories before their contents; below a redirected directory the merged view (upper and
 /// the lower copies the redirect names, whiteouts and opaque markers
 /// applied).
 pub(crate) struct Walker<'a> {
@@ -552,7 +552,6 @@ impl<'a> Walker<'a> {
     }
 
     /// The directory holding the last item returned, in the item's layer.
-    #[allow(dead_code)] // for the layer tar
     pub fn item_dir(&mut self) -> Result<BorrowedFd<'_>> {
         let (f, s) = self.last.expect("an item was returned");
         self.fd(f, s)
@@ -647,7 +646,18 @@ impl<'a> Walker<'a> {
                 break;
             }
         }
-        Ok(map.into_values().collect())
+        let mut listed: Vec<Listed> = map.into_values().collect();
+        if !self.with_shadow {
+            // The layer tar names whiteouts `.wh.NAME`: sorted as such.
+            listed.sort_by_cached_key(|l| {
+                if l.whiteout {
+                    oci_whiteout_name(&l.name)
+                } else {
+                    l.name.clone()
+                }
+            });
+        }
+        Ok(listed)
     }
 
     /// The lower copies of a directory, found as kernel overlayfs looks
