@@ -241,3 +241,260 @@ fn the_same_upper_gives_the_same_bytes() {
     assert_eq!(info1, info2);
     assert!(first == second);
 }
+
+struct Podman {
+    root: std::path::PathBuf,
+    runroot: tempfile::TempDir,
+}
+
+impl Podman {
+    fn cmd(&self) -> Command {
+        let mut cmd = Command::new("podman");
+        cmd.arg("--root")
+            .arg(&self.root)
+            .arg("--runroot")
+            .arg(self.runroot.path())
+            .args(["--storage-driver", "overlay", "--runtime", "runc"])
+            .args(["--cgroup-manager", "cgroupfs", "--events-backend", "file"]);
+        cmd
+    }
+
+    fn ok(&self, args: &[&str], dir: &Path) -> String {
+        let out = run_with_timeout(
+            self.cmd().args(args).current_dir(dir),
+            std::time::Duration::from_secs(120),
+        );
+        assert!(
+            out.status.success(),
+            "podman {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = run(self.cmd().args(["rm", "-af"]));
+        let _ = run(self.cmd().args(["rmi", "-af"]));
+        let _ = run(self.cmd().args(["system", "reset", "-f"]));
+        for root in [self.root.clone(), self.runroot.path().to_path_buf()] {
+            let mounts = unionfs::mountinfo::read().unwrap_or_default();
+            for m in mounts.iter().filter(|m| m.mount_point.starts_with(&root)) {
+                let _ = nix::mount::umount2(&m.mount_point, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+}
+
+/// Every object of the tree with its type, mode, owner, size, and for
+/// files their link count, mtime and checksum (busybox, run inside).
+const LISTING: &str = r#"busybox find / -xdev | busybox sort | while read f; do
+  extra=
+  if [ -L "$f" ]; then extra=$(busybox readlink "$f");
+  elif [ -f "$f" ]; then extra="$(busybox stat -c '%s %h %Y' "$f") $(busybox md5sum < "$f")"; fi
+  echo "$(busybox stat -c '%n %F %a %u %g' "$f") $extra"
+done"#;
+
+/// What podman puts in every container, left out of the comparison, and
+/// the root (podman makes it 555 in containers).
+fn without_container_files(listing: &str) -> Vec<String> {
+    let skip = [
+        "/proc",
+        "/sys",
+        "/dev",
+        "/run",
+        "/etc/hosts",
+        "/etc/hostname",
+        "/etc/resolv.conf",
+        "/etc/mtab",
+        "/etc ",
+        "/ ",
+    ];
+    listing
+        .lines()
+        .filter(|l| !skip.iter().any(|s| l.starts_with(s) || *l == s.trim_end()))
+        .map(str::to_string)
+        .collect()
+}
+
+fn rootfs_tar(dir: &Path) {
+    let rootfs = dir.join("rootfs");
+    for d in ["bin", "etc", "data/sub", "data/mv/in", "data/rep/old"] {
+        fs::create_dir_all(rootfs.join(d)).unwrap();
+    }
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("busybox-static is not installed (scripts/test.sh installs it)");
+    fs::copy(busybox, rootfs.join("bin/busybox")).unwrap();
+    symlink("busybox", rootfs.join("bin/sh"));
+    for (file, content) in [
+        ("data/a", "a"),
+        ("data/gone", "g"),
+        ("data/sub/b", "b"),
+        ("data/mv/in/f", "m"),
+        ("data/mv/g", "m2"),
+        ("data/mv/drop", "d"),
+        ("data/rep/o", "r"),
+        ("data/rep/old/f", "r2"),
+    ] {
+        write(rootfs.join(file), content.as_bytes());
+    }
+    sh(Command::new("tar")
+        .arg("-C")
+        .arg(&rootfs)
+        .arg("-cf")
+        .arg(dir.join("rootfs.tar"))
+        .arg("."));
+}
+
+/// Changes through a unionfs mount: a redirect, an opaque replacement,
+/// whiteouts, hard links, set-id bits, symlinks, a fifo.
+const CHANGES: &str = "cd /data && echo x >> a && busybox chmod 4755 a && busybox rm gone \
+    && busybox mv mv moved && busybox rm moved/drop && echo n > moved/in/new \
+    && busybox rm -r rep && busybox mkdir rep && echo fresh > rep/o \
+    && busybox ln a a2 && busybox ln -s moved/g link && busybox mkfifo fifo \
+    && busybox mkdir -p new/deep && echo d > new/deep/f && busybox chown 7:8 new/deep/f";
+
+#[test]
+fn podman_loads_the_layer_and_sees_the_mounts_tree() {
+    let s = Scratch::new();
+    let dir = s.dir.path().to_path_buf();
+    rootfs_tar(&dir);
+    let podman = Podman {
+        root: s.mkdir("storage"),
+        runroot: tempfile::Builder::new()
+            .prefix("ufs-tar")
+            .tempdir_in("/run")
+            .unwrap(),
+    };
+    podman.ok(&["import", "rootfs.tar", "base"], &dir);
+    let lower = std::path::PathBuf::from(
+        podman
+            .ok(
+                &[
+                    "image",
+                    "inspect",
+                    "--format",
+                    "{{.GraphDriver.Data.UpperDir}}",
+                    "base",
+                ],
+                &dir,
+            )
+            .trim(),
+    );
+    let upper = s.mkdir("upper");
+    let mnt = s.mkdir("mnt");
+    let m = UnionMount::mount(&[&lower], Some(&upper), &mnt, &[]);
+    sh(Command::new("chroot")
+        .arg(&m.mountpoint)
+        .args(["/bin/sh", "-c", CHANGES]));
+    let expected = sh(Command::new("chroot")
+        .arg(&m.mountpoint)
+        .args(["/bin/sh", "-c", LISTING]));
+    drop(m);
+    assert!(
+        xattrs_with_prefix(&upper.join("data/moved"), "trusted.overlay.")
+            .contains_key("trusted.overlay.redirect"),
+        "the move made no redirect"
+    );
+    assert!(
+        xattrs_with_prefix(&upper.join("data/rep"), "trusted.overlay.")
+            .contains_key("trusted.overlay.opaque"),
+        "the replaced directory is not opaque"
+    );
+
+    // The image, saved, with the layer appended.
+    podman.ok(
+        &[
+            "save",
+            "--format",
+            "docker-archive",
+            "-o",
+            "saved.tar",
+            "base",
+        ],
+        &dir,
+    );
+    let archive = s.mkdir("archive");
+    sh(Command::new("tar")
+        .arg("-C")
+        .arg(&archive)
+        .arg("-xf")
+        .arg(dir.join("saved.tar")));
+    let layers = Layers::open(&upper, &[&lower]).unwrap();
+    let mut layer = fs::File::create(archive.join("new-layer.tar")).unwrap();
+    let info = write_layer_tar(&layers, &mut layer).unwrap();
+    drop(layer);
+    let hex = info.diff_id()["sha256:".len()..].to_string();
+    fs::rename(
+        archive.join("new-layer.tar"),
+        archive.join(format!("{hex}.tar")),
+    )
+    .unwrap();
+    let manifest_path = archive.join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(&manifest_path).unwrap()).unwrap();
+    let config_name = manifest[0]["Config"].as_str().unwrap().to_string();
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&fs::read(archive.join(&config_name)).unwrap()).unwrap();
+    config["rootfs"]["diff_ids"]
+        .as_array_mut()
+        .unwrap()
+        .push(info.diff_id().into());
+    config["history"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"created_by": "unionfs layer_tar"}));
+    let config_bytes = serde_json::to_vec(&config).unwrap();
+    let config_hex = sha256_hex(&config_bytes);
+    fs::remove_file(archive.join(&config_name)).unwrap();
+    fs::write(archive.join(format!("{config_hex}.json")), &config_bytes).unwrap();
+    manifest[0]["Config"] = format!("{config_hex}.json").into();
+    manifest[0]["RepoTags"] = serde_json::json!(["localhost/with-layer:latest"]);
+    manifest[0]["Layers"]
+        .as_array_mut()
+        .unwrap()
+        .push(format!("{hex}.tar").into());
+    fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+    let _ = fs::remove_file(archive.join("repositories"));
+    sh(Command::new("tar")
+        .arg("-C")
+        .arg(&archive)
+        .arg("-cf")
+        .arg(dir.join("loaded.tar"))
+        .arg("."));
+    podman.ok(&["load", "-i", "loaded.tar"], &dir);
+    let got = podman.ok(
+        &[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=1024:1024",
+            "with-layer",
+            "/bin/sh",
+            "-c",
+            LISTING,
+        ],
+        &dir,
+    );
+    let expected = without_container_files(&String::from_utf8_lossy(&expected.stdout));
+    let got = without_container_files(&got);
+    assert!(
+        expected
+            .iter()
+            .any(|l| l.starts_with("/data/moved/in/new ")),
+        "{expected:#?}"
+    );
+    assert!(
+        !expected.iter().any(|l| l.starts_with("/data/mv")),
+        "{expected:#?}"
+    );
+    assert_eq!(got, expected);
+}
