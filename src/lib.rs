@@ -6,8 +6,9 @@
 //! * [`cli`], [`config`], [`daemon`], [`readahead`]: the command line, mount
 //!   validation, the daemon's life cycle and its mount's readahead.
 //! * [`mountinfo`]: the parser of /proc/self/mountinfo (tests use it too).
-//! * [`image`]: the image store and `unionfs image|system` commands; above
-//!   the core, which does not depend on it.
+//! * [`image`]: the image store, containers, `podman diff`-style changes
+//!   and OCI layer tars of an upper, and the `unionfs image|container|system`
+//!   commands; above the core, which does not depend on it.
 //! * [`sys`]: the raw syscalls; the only module with `unsafe`.
 
 pub mod cli;

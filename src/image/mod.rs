@@ -14,11 +14,16 @@
 //! * [`container`]: containers (an upper and work dir over an image's
 //!   layers) and the `unionfs container ...` commands.
 //! * [`output`]: human sizes, tables, the terminal check.
+//! * [`changes`]: what a container changed, as `podman diff` reports it.
+//! * [`layer_tar`]: the OCI layer tar of an upper (deterministic, hashed
+//!   while written), for `container commit`.
 
 pub mod archive;
+pub mod changes;
 pub mod container;
 pub mod df;
 pub mod digest;
+pub mod layer_tar;
 pub mod load;
 pub mod output;
 pub mod query;
