@@ -8,8 +8,8 @@ mod common;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
+use common::podman::Podman;
 use common::*;
 use unionfs::image::changes::{self, ChangeKind, Layers};
 
@@ -44,52 +44,6 @@ const SCENARIOS: &[(&str, &str)] = &[
         "echo 1 > /top && rm /data/b && ln -s a /data/c2 && rm /data/c && echo c > /data/c && mkdir /etc/new.d && echo e > /etc/new.d/e",
     ),
 ];
-
-struct Podman {
-    root: PathBuf,
-    runroot: tempfile::TempDir,
-}
-
-impl Podman {
-    fn cmd(&self) -> Command {
-        let mut cmd = Command::new("podman");
-        cmd.arg("--root")
-            .arg(&self.root)
-            .arg("--runroot")
-            .arg(self.runroot.path())
-            .args(["--storage-driver", "overlay", "--runtime", "runc"])
-            .args(["--cgroup-manager", "cgroupfs", "--events-backend", "file"]);
-        cmd
-    }
-
-    fn ok(&self, args: &[&str], dir: &Path) -> String {
-        let out = run_with_timeout(
-            self.cmd().args(args).current_dir(dir),
-            Duration::from_secs(120),
-        );
-        assert!(
-            out.status.success(),
-            "podman {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for Podman {
-    fn drop(&mut self) {
-        let _ = run(self.cmd().args(["rm", "-af"]));
-        let _ = run(self.cmd().args(["rmi", "-af"]));
-        let _ = run(self.cmd().args(["system", "reset", "-f"]));
-        for root in [self.root.clone(), self.runroot.path().to_path_buf()] {
-            let mounts = unionfs::mountinfo::read().unwrap_or_default();
-            for m in mounts.iter().filter(|m| m.mount_point.starts_with(&root)) {
-                let _ = nix::mount::umount2(&m.mount_point, nix::mount::MntFlags::MNT_DETACH);
-            }
-        }
-    }
-}
 
 fn build_rootfs(dir: &Path) {
     let rootfs = dir.join("rootfs");
@@ -151,14 +105,8 @@ fn changes_match_podman_diff() {
     let s = Scratch::new();
     let dir = s.dir.path().to_path_buf();
     build_rootfs(&dir);
-    let podman = Podman {
-        root: s.mkdir("storage"),
-        runroot: tempfile::Builder::new()
-            .prefix("ufs-chg")
-            .tempdir_in("/run")
-            .unwrap(),
-    };
-    podman.ok(&["import", "rootfs.tar", "base"], &dir);
+    let podman = Podman::new(s.mkdir("storage"));
+    podman.ok_raw(&["import", "rootfs.tar", "base"], &dir);
     let inspect = |field: &str| {
         podman
             .ok(
@@ -187,7 +135,7 @@ fn changes_match_podman_diff() {
     let mut failures = Vec::new();
     for (name, script) in SCENARIOS {
         let container = format!("chg-{name}");
-        podman.ok(
+        podman.ok_raw(
             &[
                 "run",
                 "--name",
@@ -210,7 +158,7 @@ fn changes_match_podman_diff() {
             .lines()
             .map(str::to_string)
             .collect();
-        podman.ok(&["rm", &container], &dir);
+        podman.ok_raw(&["rm", &container], &dir);
 
         let upper = s.mkdir(&format!("{name}/upper"));
         let mnt = s.mkdir(&format!("{name}/mnt"));

@@ -13,6 +13,7 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use common::podman::Podman;
 use common::*;
 
 const CONTAINERFILE: &str = "FROM base
@@ -30,100 +31,25 @@ const LIST: &str = "find /data /bin /etc/passwd | sort | xargs stat -c '%n %F %a
 
 const IMAGE: &str = "localhost/saved:latest";
 
-struct Podman {
-    root: PathBuf,
-    runroot: tempfile::TempDir,
-}
-
-impl Podman {
-    /// A podman with its own storage under `dir`; removed on drop.
-    fn new(dir: &Path, name: &str) -> Podman {
-        Podman {
-            root: dir.join(name),
-            runroot: tempfile::Builder::new()
-                .prefix("ufs-save")
-                .tempdir_in("/run")
-                .unwrap(),
-        }
-    }
-
-    fn cmd(&self) -> Command {
-        let mut cmd = Command::new("podman");
-        cmd.arg("--root")
-            .arg(&self.root)
-            .arg("--runroot")
-            .arg(self.runroot.path())
-            .args(["--storage-driver", "overlay", "--runtime", "runc"])
-            .args(["--cgroup-manager", "cgroupfs", "--events-backend", "file"]);
-        cmd
-    }
-
-    fn ok(&self, args: &[&str], dir: &Path) -> String {
-        let out = run_with_timeout(
-            self.cmd().args(args).current_dir(dir),
-            Duration::from_secs(300),
-        );
-        assert!(
-            out.status.success(),
-            "podman {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-
-    /// The image's ID and diff_ids.
-    fn inspect(&self, image: &str, dir: &Path) -> (String, Vec<String>) {
-        let id = self.ok(&["image", "inspect", "--format", "{{.Id}}", image], dir);
-        let layers = self.ok(
-            &[
-                "image",
-                "inspect",
-                "--format",
-                "{{json .RootFS.Layers}}",
-                image,
-            ],
-            dir,
-        );
-        (
-            format!("sha256:{}", id.trim_start_matches("sha256:")),
-            serde_json::from_str(&layers).unwrap(),
-        )
-    }
-
-    fn listing(&self, image: &str, dir: &Path) -> String {
-        self.ok(
-            &[
-                "run",
-                "--rm",
-                "--network",
-                "none",
-                "--ulimit",
-                "nofile=1024:1024",
-                "--ulimit",
-                "nproc=1024:1024",
-                image,
-                "sh",
-                "-c",
-                LIST,
-            ],
-            dir,
-        )
-    }
-}
-
-impl Drop for Podman {
-    fn drop(&mut self) {
-        let _ = run(self.cmd().args(["rm", "-af"]));
-        let _ = run(self.cmd().args(["rmi", "-af"]));
-        let _ = run(self.cmd().args(["system", "reset", "-f"]));
-        for root in [self.root.clone(), self.runroot.path().to_path_buf()] {
-            let mounts = unionfs::mountinfo::read().unwrap_or_default();
-            for m in mounts.iter().filter(|m| m.mount_point.starts_with(&root)) {
-                let _ = nix::mount::umount2(&m.mount_point, nix::mount::MntFlags::MNT_DETACH);
-            }
-        }
-    }
+/// The image's tree as `podman run` shows it.
+fn listing(podman: &Podman, image: &str, dir: &Path) -> String {
+    podman.ok(
+        &[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=1024:1024",
+            image,
+            "sh",
+            "-c",
+            LIST,
+        ],
+        dir,
+    )
 }
 
 struct Fixture {
@@ -184,7 +110,7 @@ fn build_fixture() -> Fixture {
         .arg(dir.join("rootfs.tar"))
         .arg("."));
     fs::write(dir.join("Containerfile"), CONTAINERFILE).unwrap();
-    let podman = Podman::new(&dir, "podman");
+    let podman = Podman::new(dir.join("podman"));
     podman.ok(&["import", "rootfs.tar", "base"], &dir);
     podman.ok(
         &[
@@ -205,7 +131,7 @@ fn build_fixture() -> Fixture {
     podman.ok(&["save", "-o", original.to_str().unwrap(), IMAGE], &dir);
     let (id, diff_ids) = podman.inspect(IMAGE, &dir);
     assert!(diff_ids.len() >= 5, "{diff_ids:?}");
-    let listing = podman.listing(IMAGE, &dir);
+    let listing = listing(&podman, IMAGE, &dir);
     assert!(
         listing.contains("/data/s regular") && listing.contains(" 4755 "),
         "{listing}"
@@ -280,7 +206,7 @@ fn saved_archives_load_and_run_in_podman_like_the_original() {
     let fx = fixture();
     let store = StoreDir::loaded();
     let scratch = Scratch::new();
-    let podman = Podman::new(scratch.dir.path(), "podman");
+    let podman = Podman::new(scratch.dir.path().join("podman"));
     for format in ["docker-archive", "oci-archive"] {
         let archive = store.save(format, &format!("{format}.tar"));
         // A podman without the original: every layer comes from the archive.
@@ -291,7 +217,7 @@ fn saved_archives_load_and_run_in_podman_like_the_original() {
         assert_eq!(id, fx.id, "{format}: image ID");
         assert_eq!(diff_ids, fx.diff_ids, "{format}: diff_ids");
         assert_eq!(
-            podman.listing(IMAGE, &fx.dir),
+            listing(&podman, IMAGE, &fx.dir),
             fx.listing,
             "{format}: the tree in a container"
         );

@@ -9,6 +9,7 @@ use std::io::Read;
 use std::path::Path;
 use std::process::Command;
 
+use common::podman::Podman;
 use common::*;
 use unionfs::image::changes::Layers;
 use unionfs::image::layer_tar::write_layer_tar;
@@ -242,52 +243,6 @@ fn the_same_upper_gives_the_same_bytes() {
     assert!(first == second);
 }
 
-struct Podman {
-    root: std::path::PathBuf,
-    runroot: tempfile::TempDir,
-}
-
-impl Podman {
-    fn cmd(&self) -> Command {
-        let mut cmd = Command::new("podman");
-        cmd.arg("--root")
-            .arg(&self.root)
-            .arg("--runroot")
-            .arg(self.runroot.path())
-            .args(["--storage-driver", "overlay", "--runtime", "runc"])
-            .args(["--cgroup-manager", "cgroupfs", "--events-backend", "file"]);
-        cmd
-    }
-
-    fn ok(&self, args: &[&str], dir: &Path) -> String {
-        let out = run_with_timeout(
-            self.cmd().args(args).current_dir(dir),
-            std::time::Duration::from_secs(120),
-        );
-        assert!(
-            out.status.success(),
-            "podman {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for Podman {
-    fn drop(&mut self) {
-        let _ = run(self.cmd().args(["rm", "-af"]));
-        let _ = run(self.cmd().args(["rmi", "-af"]));
-        let _ = run(self.cmd().args(["system", "reset", "-f"]));
-        for root in [self.root.clone(), self.runroot.path().to_path_buf()] {
-            let mounts = unionfs::mountinfo::read().unwrap_or_default();
-            for m in mounts.iter().filter(|m| m.mount_point.starts_with(&root)) {
-                let _ = nix::mount::umount2(&m.mount_point, nix::mount::MntFlags::MNT_DETACH);
-            }
-        }
-    }
-}
-
 /// Every object of the tree with its type, mode, owner, size, and for
 /// files their link count, mtime and checksum (busybox, run inside).
 const LISTING: &str = r#"busybox find / -xdev | busybox sort | while read f; do
@@ -363,14 +318,8 @@ fn podman_loads_the_layer_and_sees_the_mounts_tree() {
     let s = Scratch::new();
     let dir = s.dir.path().to_path_buf();
     rootfs_tar(&dir);
-    let podman = Podman {
-        root: s.mkdir("storage"),
-        runroot: tempfile::Builder::new()
-            .prefix("ufs-tar")
-            .tempdir_in("/run")
-            .unwrap(),
-    };
-    podman.ok(&["import", "rootfs.tar", "base"], &dir);
+    let podman = Podman::new(s.mkdir("storage"));
+    podman.ok_raw(&["import", "rootfs.tar", "base"], &dir);
     let lower = std::path::PathBuf::from(
         podman
             .ok(
@@ -407,7 +356,7 @@ fn podman_loads_the_layer_and_sees_the_mounts_tree() {
     );
 
     // The image, saved, with the layer appended.
-    podman.ok(
+    podman.ok_raw(
         &[
             "save",
             "--format",
@@ -466,8 +415,8 @@ fn podman_loads_the_layer_and_sees_the_mounts_tree() {
         .arg("-cf")
         .arg(dir.join("loaded.tar"))
         .arg("."));
-    podman.ok(&["load", "-i", "loaded.tar"], &dir);
-    let got = podman.ok(
+    podman.ok_raw(&["load", "-i", "loaded.tar"], &dir);
+    let got = podman.ok_raw(
         &[
             "run",
             "--rm",

@@ -36,8 +36,14 @@ impl Podman {
         cmd
     }
 
-    /// Runs podman in `dir`; panics with its output on failure.
+    /// Runs podman in `dir`; panics with its output on failure. Returns
+    /// stdout trimmed.
     pub fn ok(&self, args: &[&str], dir: &Path) -> String {
+        self.ok_raw(args, dir).trim().to_string()
+    }
+
+    /// `ok`, with stdout exactly as podman printed it.
+    pub fn ok_raw(&self, args: &[&str], dir: &Path) -> String {
         let out = run_with_timeout(
             self.cmd().args(args).current_dir(dir),
             Duration::from_secs(300),
@@ -48,7 +54,7 @@ impl Podman {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// The image's ID (`sha256:...`) and diff_ids.
@@ -73,6 +79,7 @@ impl Podman {
 
 impl Drop for Podman {
     fn drop(&mut self) {
+        let _ = run(self.cmd().args(["rm", "-af"]));
         let _ = run(self.cmd().args(["rmi", "-af"]));
         let _ = run(self.cmd().args(["system", "reset", "-f"]));
         for root in [self.root.clone(), self.runroot.path().to_path_buf()] {
