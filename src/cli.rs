@@ -147,6 +147,27 @@ pub enum ContainerCommand {
     /// Remove an unmounted container and its writable layer
     #[command(alias = "remove")]
     Rm { name: String },
+    /// What the container changed (A added, C changed, D deleted), as `podman diff`
+    Diff {
+        name: String,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        format: OutputFormat,
+    },
+    /// Make an image of the container: its image's layers and a new one from its upper
+    Commit {
+        name: String,
+        /// IMAGE[:TAG] (tag `latest` when none is given)
+        image: String,
+        /// The history comment of the new layer
+        #[arg(short = 'm', long, value_name = "MESSAGE")]
+        message: Option<String>,
+        /// The image's author
+        #[arg(long, value_name = "AUTHOR")]
+        author: Option<String>,
+        /// No progress, only the new image's ID
+        #[arg(short = 'q', long)]
+        quiet: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -54,7 +54,7 @@ pub fn validate_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-fn upper_dir(store: &Store, name: &str) -> PathBuf {
+pub(crate) fn upper_dir(store: &Store, name: &str) -> PathBuf {
     store.container_dir(name).join("upper")
 }
 
@@ -85,14 +85,14 @@ pub(crate) fn work_dir_busy(store: &Store, name: &str) -> bool {
 
 /// Where the container is mounted: its recorded mountpoint, if a unionfs
 /// mount is there now.
-fn mounted_at(record: &ContainerRecord) -> Option<&Path> {
+pub(crate) fn mounted_at(record: &ContainerRecord) -> Option<&Path> {
     record
         .mountpoint
         .as_deref()
         .filter(|mp| config::mounted_by_unionfs(mp))
 }
 
-fn get<'a>(index: &'a Index, name: &str) -> Result<&'a ContainerRecord> {
+pub(crate) fn get<'a>(index: &'a Index, name: &str) -> Result<&'a ContainerRecord> {
     index
         .containers
         .get(name)

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::archive::{self, Compression, LayerSource, LoadPlan};
+use super::archive::{self, Compression, LayerSource};
 use super::digest::{Digest, HashingReader, Tally};
 use super::output::stderr_is_terminal;
 use super::store::{ImageRecord, LayerRecord, Store, now_secs};
@@ -34,13 +34,22 @@ pub struct LoadOptions {
 }
 
 /// A layer unpacked and verified in the work dir, waiting to be committed.
-struct ReadyLayer {
-    diff_id: Digest,
-    dir: PathBuf,
-    size: u64,
+pub(crate) struct ReadyLayer {
+    pub diff_id: Digest,
+    pub dir: PathBuf,
+    pub size: u64,
     /// The uncompressed tar, verified against the diff_id.
-    tar: PathBuf,
-    tar_size: u64,
+    pub tar: PathBuf,
+    pub tar_size: u64,
+}
+
+/// An image to record: its config (whose sha256 is `id`), tags and
+/// diff_ids, bottom layer first.
+pub(crate) struct NewImage<'a> {
+    pub id: &'a Digest,
+    pub config: &'a [u8],
+    pub repo_tags: &'a [String],
+    pub layers: Vec<Digest>,
 }
 
 pub fn load(store: &Store, options: &LoadOptions) -> Result<()> {
@@ -114,7 +123,16 @@ pub fn load(store: &Store, options: &LoadOptions) -> Result<()> {
     if let Ok(dir) = File::open(work.path()) {
         let _ = nix::unistd::syncfs(&dir);
     }
-    commit(store, &plans, ready)?;
+    let images: Vec<NewImage> = plans
+        .iter()
+        .map(|plan| NewImage {
+            id: &plan.id,
+            config: &plan.config,
+            repo_tags: &plan.repo_tags,
+            layers: plan.layers.iter().map(|l| l.diff_id.clone()).collect(),
+        })
+        .collect();
+    commit(store, &images, ready)?;
     for plan in &plans {
         if plan.repo_tags.is_empty() {
             println!("Loaded image ID: {}", plan.id);
@@ -127,10 +145,15 @@ pub fn load(store: &Store, options: &LoadOptions) -> Result<()> {
 }
 
 fn progress_bar(quiet: bool, layers: &[&LayerSource]) -> ProgressBar {
+    byte_progress_bar(quiet, layers.iter().map(|l| l.blob_size).sum())
+}
+
+/// A bar of `total` bytes on a terminal's stderr; hidden when `quiet` or
+/// when stderr is not a terminal.
+pub(crate) fn byte_progress_bar(quiet: bool, total: u64) -> ProgressBar {
     if quiet || !stderr_is_terminal() {
         return ProgressBar::hidden();
     }
-    let total: u64 = layers.iter().map(|l| l.blob_size).sum();
     let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
     if let Ok(style) =
         ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} ({eta})")
@@ -208,7 +231,7 @@ impl<R: Read> Read for TeeReader<R> {
 /// Unpacks one layer into `dir` and keeps its uncompressed tar in `tar`,
 /// verifying both digests in the same pass. Returns the layer's content
 /// size and the tar's size.
-fn unpack_verified(
+pub(crate) fn unpack_verified(
     layer: &LayerSource,
     dir: &Path,
     tar: &Path,
@@ -276,7 +299,7 @@ fn check(tally: &Tally, expected: &Digest, what: &str, layer: &LayerSource) -> R
 
 /// Moves verified layers into place and records the images, all under one
 /// holding of the exclusive lock.
-fn commit(store: &Store, plans: &[LoadPlan], ready: Vec<ReadyLayer>) -> Result<()> {
+pub(crate) fn commit(store: &Store, plans: &[NewImage], ready: Vec<ReadyLayer>) -> Result<()> {
     let lock = store.lock_exclusive()?;
     // A command killed since this one started may have left strays.
     store.collect_garbage(&lock)?;
@@ -284,11 +307,10 @@ fn commit(store: &Store, plans: &[LoadPlan], ready: Vec<ReadyLayer>) -> Result<(
     for plan in plans {
         let available =
             |d: &Digest| index.layers.contains_key(d) || ready.iter().any(|r| &r.diff_id == d);
-        if let Some(missing) = plan.layers.iter().find(|l| !available(&l.diff_id)) {
+        if let Some(missing) = plan.layers.iter().find(|l| !available(l)) {
             // Only possible if `image rm` removed it while this load ran.
             return Err(format!(
-                "layer {} was removed from the store during the load; load again",
-                missing.diff_id
+                "layer {missing} was removed from the store meanwhile; try again"
             ));
         }
     }
@@ -319,17 +341,17 @@ fn commit(store: &Store, plans: &[LoadPlan], ready: Vec<ReadyLayer>) -> Result<(
         );
     }
     for plan in plans {
-        store.write_config(&plan.id, &plan.config)?;
+        store.write_config(plan.id, plan.config)?;
         for record in index.images.values_mut() {
             // A tag names one image: the one loaded last, as in docker.
             record.repo_tags.retain(|t| !plan.repo_tags.contains(t));
         }
         let record = index.images.entry(plan.id.clone()).or_insert(ImageRecord {
             repo_tags: Vec::new(),
-            layers: plan.layers.iter().map(|l| l.diff_id.clone()).collect(),
+            layers: plan.layers.clone(),
             loaded: now_secs(),
         });
-        for tag in &plan.repo_tags {
+        for tag in plan.repo_tags {
             if !record.repo_tags.contains(tag) {
                 record.repo_tags.push(tag.clone());
             }

@@ -17,9 +17,11 @@
 //! * [`changes`]: what a container changed, as `podman diff` reports it.
 //! * [`layer_tar`]: the OCI layer tar of an upper (deterministic, hashed
 //!   while written), for `container commit`.
+//! * [`commit`]: `container diff` and `container commit`.
 
 pub mod archive;
 pub mod changes;
+pub mod commit;
 pub mod container;
 pub mod df;
 pub mod digest;
@@ -117,5 +119,24 @@ pub fn run_container(args: ContainerArgs) -> Result<()> {
         } => container::umount(&store, &name, lazy, timeout),
         ContainerCommand::Ls { format } => container::ls(&store, format == OutputFormat::Json),
         ContainerCommand::Rm { name } => container::rm(&store, &name),
+        ContainerCommand::Diff { name, format } => {
+            commit::diff(&store, &name, format == OutputFormat::Json)
+        }
+        ContainerCommand::Commit {
+            name,
+            image,
+            message,
+            author,
+            quiet,
+        } => commit::commit(
+            &store,
+            &commit::CommitOptions {
+                name: &name,
+                reference: &image,
+                message: message.as_deref(),
+                author: author.as_deref(),
+                quiet,
+            },
+        ),
     }
 }

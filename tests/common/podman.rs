@@ -104,3 +104,39 @@ pub fn install_busybox(rootfs: &Path, applets: &[&str]) {
         super::symlink("busybox", rootfs.join("bin").join(applet));
     }
 }
+
+/// What libpod makes in each container before the command runs: done
+/// first in a unionfs mount, it makes the same changes `podman diff` sees.
+pub const CONTAINER_INIT: &str = "mkdir -p /dev /proc /sys /run && echo h > /etc/hosts && echo h > /etc/hostname && echo > /run/.containerenv && ln -s /proc/mounts /etc/mtab";
+
+/// Every path of the root filesystem with its type, mode, owner; file
+/// sizes, link counts, mtimes and md5sums; symlink targets. Needs a
+/// busybox with find, sort, stat, readlink and md5sum.
+pub const LISTING: &str = r#"busybox find / -xdev | busybox sort | while read f; do
+  extra=
+  if [ -L "$f" ]; then extra=$(busybox readlink "$f");
+  elif [ -f "$f" ]; then extra="$(busybox stat -c '%s %h %Y' "$f") $(busybox md5sum < "$f")"; fi
+  echo "$(busybox stat -c '%n %F %a %u %g' "$f") $extra"
+done"#;
+
+/// A [`LISTING`] without what podman puts in every container, nor the
+/// root and /etc (podman makes the root 555 and adds files to /etc).
+pub fn without_container_files(listing: &str) -> Vec<String> {
+    let skip = [
+        "/proc",
+        "/sys",
+        "/dev",
+        "/run",
+        "/etc/hosts",
+        "/etc/hostname",
+        "/etc/resolv.conf",
+        "/etc/mtab",
+        "/etc ",
+        "/ ",
+    ];
+    listing
+        .lines()
+        .filter(|l| !skip.iter().any(|s| l.starts_with(s) || *l == s.trim_end()))
+        .map(str::to_string)
+        .collect()
+}

@@ -1,0 +1,386 @@
+//! `unionfs container diff` and `container commit`, round trip with podman:
+//! a podman-built image is loaded, a container of it changed through its
+//! mount, its diff compared with `podman diff` of the same changes, and the
+//! committed image saved, loaded by podman and run there.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::podman::{CONTAINER_INIT, LISTING, Podman, install_busybox, without_container_files};
+use common::*;
+
+/// Three layers: a base with a setuid file and hard links; one deleting a
+/// file and replacing a directory (opaque); one adding a hard link and a
+/// setuid file.
+const CONTAINERFILE: &str = "FROM base
+RUN rm /data/gone && rm -rf /data/dir && mkdir /data/dir && echo new > /data/dir/n && echo b > /data/b
+RUN ln /data/b /data/b2 && echo s > /data/suid2 && chmod 4755 /data/suid2
+";
+
+/// The changes made in the container: a new file, a lower file modified
+/// and one deleted, a lower dir deleted, one replaced, one renamed (a
+/// redirect in unionfs), a hard link, a chmod.
+const SCRIPT: &str = "cd /data && echo new > new && echo x >> a && rm c && rm -r tree \
+    && rm -r rep && mkdir rep && echo fresh > rep/o && mv mv moved && ln a alink \
+    && chmod 700 keep/k";
+
+const APPLETS: &[&str] = &["sh", "rm", "mkdir", "echo", "ln", "mv", "chmod", "cat"];
+
+fn fixture() -> &'static PathBuf {
+    static ARCHIVE: OnceLock<PathBuf> = OnceLock::new();
+    ARCHIVE.get_or_init(|| {
+        let dir = Scratch::new().dir.keep();
+        let rootfs = dir.join("rootfs");
+        install_busybox(&rootfs, APPLETS);
+        for (path, content) in [
+            ("data/a", &b"a\n"[..]),
+            ("data/b", b"b0\n"),
+            ("data/c", b"c\n"),
+            ("data/gone", b"gone\n"),
+            ("data/dir/x", b"x\n"),
+            ("data/dir/sub/y", b"y\n"),
+            ("data/tree/x/y/f", b"t\n"),
+            ("data/tree/t", b"t2\n"),
+            ("data/rep/old/f", b"r\n"),
+            ("data/rep/o", b"r2\n"),
+            ("data/mv/in/f", b"m\n"),
+            ("data/mv/g", b"m2\n"),
+            ("data/keep/k", b"k\n"),
+            ("data/h1", b"h\n"),
+            ("data/suid", b"s\n"),
+            ("etc/passwd", b"root:x:0:0:root:/:/bin/sh\n"),
+        ] {
+            write(rootfs.join(path), content);
+        }
+        fs::hard_link(rootfs.join("data/h1"), rootfs.join("data/h2")).unwrap();
+        fs::set_permissions(rootfs.join("data/suid"), fs::Permissions::from_mode(0o4755)).unwrap();
+        sh(Command::new("tar")
+            .arg("-C")
+            .arg(&rootfs)
+            .arg("-cf")
+            .arg(dir.join("rootfs.tar"))
+            .arg("."));
+        fs::write(dir.join("Containerfile"), CONTAINERFILE).unwrap();
+        let podman = Podman::new(dir.join("podman"));
+        podman.ok(&["import", "rootfs.tar", "base"], &dir);
+        podman.ok(
+            &[
+                "build",
+                "--network",
+                "none",
+                "--ulimit",
+                "nofile=1024:1024",
+                "-t",
+                "app",
+                "-f",
+                "Containerfile",
+                ".",
+            ],
+            &dir,
+        );
+        let archive = dir.join("app.tar");
+        podman.ok(
+            &[
+                "save",
+                "-o",
+                archive.to_str().unwrap(),
+                "localhost/app:latest",
+            ],
+            &dir,
+        );
+        archive
+    })
+}
+
+struct Store {
+    scratch: Scratch,
+}
+
+impl Store {
+    fn new() -> Store {
+        let store = Store {
+            scratch: Scratch::new(),
+        };
+        store.ok(&["image", "load", "-q", "-i", fixture().to_str().unwrap()]);
+        store
+    }
+
+    fn root(&self) -> PathBuf {
+        self.scratch.path("store")
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        run_with_timeout(
+            Command::new(BIN).args(args).arg("--root").arg(self.root()),
+            Duration::from_secs(120),
+        )
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "unionfs {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn refused(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "unionfs {args:?} succeeded");
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        stderr
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        serde_json::from_str(&self.ok(args)).unwrap()
+    }
+
+    fn layers(&self, image: &str) -> Vec<String> {
+        self.json(&["image", "inspect", image])[0]["RootFS"]["Layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_str().unwrap().to_string())
+            .collect()
+    }
+
+    fn mount(&self, name: &str, mountpoint: &Path) -> UnionMount {
+        self.ok(&["container", "mount", name, mountpoint.to_str().unwrap()]);
+        UnionMount::adopt(mountpoint)
+    }
+
+    fn count(&self, dir: &str) -> usize {
+        fs::read_dir(self.root().join(dir)).unwrap().count()
+    }
+}
+
+fn podman_run(podman: &Podman, dir: &Path, args: &[&str]) -> String {
+    let mut all = vec![
+        "run",
+        "--network",
+        "none",
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1024:1024",
+    ];
+    all.extend_from_slice(args);
+    podman.ok(&all, dir)
+}
+
+#[test]
+fn diff_matches_podman_and_the_commit_runs_in_podman() {
+    let s = Scratch::new();
+    let dir = s.dir.path().to_path_buf();
+    let podman = Podman::new(s.mkdir("podman"));
+    podman.ok(&["load", "-q", "-i", fixture().to_str().unwrap()], &dir);
+    podman_run(
+        &podman,
+        &dir,
+        &[
+            "--name",
+            "pc",
+            "localhost/app:latest",
+            "/bin/sh",
+            "-c",
+            SCRIPT,
+        ],
+    );
+    let expected = podman.ok(&["diff", "pc"], &dir);
+    let expected_json: serde_json::Value =
+        serde_json::from_str(&podman.ok(&["diff", "--format", "json", "pc"], &dir)).unwrap();
+    podman.ok(&["rm", "pc"], &dir);
+    assert!(expected.contains("D /data/c"), "{expected}");
+
+    let store = Store::new();
+    assert_eq!(store.layers("app").len(), 3);
+    store.ok(&["container", "create", "--name", "c1", "app"]);
+    let mnt = s.mkdir("mnt");
+    let mut m = store.mount("c1", &mnt);
+    sh(Command::new("chroot").arg(&m.mountpoint).args([
+        "/bin/sh",
+        "-c",
+        &format!("{CONTAINER_INIT} && {SCRIPT}"),
+    ]));
+    let upper = store.root().join("containers/c1/upper");
+    assert!(
+        xattrs_with_prefix(&upper.join("data/moved"), "trusted.overlay.")
+            .contains_key("trusted.overlay.redirect"),
+        "the rename made no redirect"
+    );
+    assert!(
+        xattrs_with_prefix(&upper.join("data/rep"), "trusted.overlay.")
+            .contains_key("trusted.overlay.opaque"),
+        "the replaced directory is not opaque"
+    );
+
+    // diff, mounted: the same lines as podman's, in its order.
+    assert_eq!(
+        store.ok(&["container", "diff", "c1"]).trim(),
+        expected.trim()
+    );
+    assert_eq!(
+        store.json(&["container", "diff", "c1", "--format", "json"]),
+        expected_json
+    );
+
+    // commit, mounted.
+    let id = store
+        .ok(&[
+            "container",
+            "commit",
+            "c1",
+            "committed:v1",
+            "-m",
+            "the changes",
+            "--author",
+            "tester",
+        ])
+        .trim()
+        .to_string();
+    assert!(id.starts_with("sha256:") && id.len() == 71, "{id}");
+    let layers = store.layers("committed:v1");
+    assert_eq!(layers.len(), 4);
+    assert_eq!(layers[..3], store.layers("app")[..]);
+    let inspect = store.json(&["image", "inspect", "committed:v1"]);
+    assert_eq!(inspect[0]["Id"], id.as_str());
+    assert_eq!(inspect[0]["Author"], "tester");
+    let history = store.json(&["image", "history", "committed:v1", "--format", "json"]);
+    let history_text = history.to_string();
+    assert!(history_text.contains("the changes"), "{history_text}");
+    assert!(
+        history_text.contains("unionfs container commit"),
+        "{history_text}"
+    );
+    let table = store.ok(&["image", "history", "committed:v1"]);
+    assert!(table.contains("the changes"), "{table}");
+
+    let listing = sh(Command::new("chroot")
+        .arg(&m.mountpoint)
+        .args(["/bin/sh", "-c", LISTING]));
+    let expected_tree = without_container_files(&String::from_utf8_lossy(&listing.stdout));
+    // The diff still answers once unmounted.
+    store.ok(&["container", "umount", "c1"]);
+    m.unmount();
+    assert!(!is_mounted(&mnt));
+    assert_eq!(
+        store.ok(&["container", "diff", "c1"]).trim(),
+        expected.trim()
+    );
+
+    // save -> podman load -> podman run: the same tree as the mount.
+    let saved = dir.join("committed.tar");
+    store.ok(&[
+        "image",
+        "save",
+        "-q",
+        "committed:v1",
+        "-o",
+        saved.to_str().unwrap(),
+    ]);
+    podman.ok(&["load", "-q", "-i", saved.to_str().unwrap()], &dir);
+    let hex = &id["sha256:".len()..];
+    let got = podman_run(&podman, &dir, &["--rm", hex, "/bin/sh", "-c", LISTING]);
+    let got = without_container_files(&got);
+    for sign in [
+        "/data/moved/in/f ",
+        "/data/alink ",
+        "/data/new ",
+        "/data/suid ",
+        "/data/b2 ",
+    ] {
+        assert!(
+            expected_tree.iter().any(|l| l.starts_with(sign)),
+            "{sign}: {expected_tree:#?}"
+        );
+    }
+    assert!(
+        expected_tree
+            .iter()
+            .any(|l| l.starts_with("/data/suid regular file 4755 ")),
+        "{expected_tree:#?}"
+    );
+    assert_eq!(got, expected_tree);
+    let podman_history = podman.ok(&["image", "history", "--format", "{{.Comment}}", hex], &dir);
+    assert!(podman_history.contains("the changes"), "{podman_history}");
+    let podman_layers = podman.ok(
+        &[
+            "image",
+            "inspect",
+            "--format",
+            "{{json .RootFS.Layers}}",
+            hex,
+        ],
+        &dir,
+    );
+    let podman_layers: Vec<String> = serde_json::from_str(&podman_layers).unwrap();
+    assert_eq!(podman_layers, layers);
+
+    store.ok(&["container", "rm", "c1"]);
+    assert_eq!(store.count("tmp"), 0);
+}
+
+#[test]
+fn commits_are_deterministic_and_share_the_parents_layers() {
+    let store = Store::new();
+    let parent = store.layers("app");
+    let layer_count = store.count("layers");
+    let blob_count = store.count("blobs/sha256");
+    assert_eq!(layer_count, parent.len());
+    store.ok(&["container", "create", "--name", "c2", "app"]);
+    let mnt = store.scratch.mkdir("mnt");
+    let mut m = store.mount("c2", &mnt);
+    write(m.path("data/new"), b"new\n");
+    fs::remove_file(m.path("data/a")).unwrap();
+    fs::create_dir(m.path("data/newdir")).unwrap();
+    store.ok(&["container", "umount", "c2"]);
+    m.unmount();
+    assert!(!is_mounted(&mnt));
+
+    let one = store.ok(&["container", "commit", "-q", "c2", "one"]);
+    // Another message: another config, hence another image.
+    let two = store.ok(&["container", "commit", "--quiet", "-m", "2", "c2", "two:2"]);
+    assert_ne!(one, two);
+    assert!(one.starts_with("sha256:") && two.starts_with("sha256:"));
+    let (one, two) = (store.layers("one:latest"), store.layers("two:2"));
+    assert_eq!(one.last(), two.last(), "two commits, two diff_ids");
+    assert_eq!(one[..parent.len()], parent[..]);
+    assert_eq!(two[..parent.len()], parent[..]);
+    // One new layer, its tar once; the parents' not copied.
+    assert_eq!(store.count("layers"), layer_count + 1);
+    assert_eq!(store.count("blobs/sha256"), blob_count + 1);
+    let df = store.ok(&["system", "df", "-v"]);
+    let layers_part = df.split("Layers space usage").nth(1).unwrap();
+    let layers_part = layers_part.split("Containers space usage").next().unwrap();
+    for diff_id in &one {
+        let short = &diff_id["sha256:".len().."sha256:".len() + 12];
+        let rows: Vec<&str> = layers_part
+            .lines()
+            .filter(|l| l.starts_with(short))
+            .collect();
+        assert_eq!(rows.len(), 1, "{short}: {df}");
+        let users = if parent.contains(diff_id) { "3" } else { "2" };
+        assert!(rows[0].trim_end().ends_with(users), "{df}");
+    }
+
+    // Errors: one line, exit 1.
+    store.refused(&["container", "commit", "nosuch", "x"]);
+    store.refused(&["container", "commit", "c2", "Bad:Name"]);
+    store.refused(&["container", "commit", "c2", "x@sha256:00"]);
+    store.refused(&["container", "diff", "nosuch"]);
+    store.refused(&["container", "diff", "../c2"]);
+    assert_eq!(store.count("tmp"), 0);
+    store.ok(&["container", "rm", "c2"]);
+}
