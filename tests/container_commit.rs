@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -15,13 +16,39 @@ use std::time::Duration;
 use common::podman::{CONTAINER_INIT, LISTING, Podman, install_busybox, without_container_files};
 use common::*;
 
-/// Three layers: a base with a setuid file and hard links; one deleting a
-/// file and replacing a directory (opaque); one adding a hard link and a
-/// setuid file.
+/// Four layers: a base with a setuid file, hard links, a setcap'd file
+/// (`security.capability`) and `user.*` xattrs; one deleting a file and
+/// replacing a directory (opaque); one adding a hard link and a setuid
+/// file; one renaming a directory.
 const CONTAINERFILE: &str = "FROM base
 RUN rm /data/gone && rm -rf /data/dir && mkdir /data/dir && echo new > /data/dir/n && echo b > /data/b
 RUN ln /data/b /data/b2 && echo s > /data/suid2 && chmod 4755 /data/suid2
+RUN mv /dirA /dirB
 ";
+
+/// The `security.capability` and `user.*` xattrs of every path under
+/// `root` (symlinks not followed), by path relative to `root`.
+fn kept_xattrs(root: &Path) -> BTreeMap<String, BTreeMap<String, Vec<u8>>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, BTreeMap<String, Vec<u8>>>) {
+        for entry in fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let mut found = xattrs_with_prefix(&path, "user.");
+            found.extend(xattrs_with_prefix(&path, "security.capability"));
+            if !found.is_empty() {
+                let rel = path.strip_prefix(root).unwrap();
+                out.insert(rel.to_string_lossy().into_owned(), found);
+            }
+            if fs::symlink_metadata(&path).unwrap().is_dir() {
+                walk(root, &path, out);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    for top in ["data", "dirB", "bin", "etc"] {
+        walk(root, &root.join(top), &mut out);
+    }
+    out
+}
 
 /// The changes made in the container: a new file, a lower file modified
 /// and one deleted, a lower dir deleted, one replaced, one renamed (a
@@ -54,13 +81,23 @@ fn fixture() -> &'static PathBuf {
             ("data/keep/k", b"k\n"),
             ("data/h1", b"h\n"),
             ("data/suid", b"s\n"),
+            ("data/cap", b"cap\n"),
+            ("data/ux", b"ux\n"),
+            ("dirA/g", b"g\n"),
+            ("dirA/sub/f", b"f\n"),
             ("etc/passwd", b"root:x:0:0:root:/:/bin/sh\n"),
         ] {
             write(rootfs.join(path), content);
         }
         fs::hard_link(rootfs.join("data/h1"), rootfs.join("data/h2")).unwrap();
         fs::set_permissions(rootfs.join("data/suid"), fs::Permissions::from_mode(0o4755)).unwrap();
+        sh(Command::new("setcap")
+            .arg("cap_net_raw+ep")
+            .arg(rootfs.join("data/cap")));
+        set_xattr(rootfs.join("data/ux"), "user.test", "ux-value");
+        // podman import keeps the xattrs the tar carries.
         sh(Command::new("tar")
+            .args(["--xattrs", "--xattrs-include=*"])
             .arg("-C")
             .arg(&rootfs)
             .arg("-cf")
@@ -205,7 +242,7 @@ fn diff_matches_podman_and_the_commit_runs_in_podman() {
     assert!(expected.contains("D /data/c"), "{expected}");
 
     let store = Store::new();
-    assert_eq!(store.layers("app").len(), 3);
+    assert_eq!(store.layers("app").len(), 4);
     store.ok(&["container", "create", "--name", "c1", "app"]);
     let mnt = s.mkdir("mnt");
     let mut m = store.mount("c1", &mnt);
@@ -252,8 +289,8 @@ fn diff_matches_podman_and_the_commit_runs_in_podman() {
         .to_string();
     assert!(id.starts_with("sha256:") && id.len() == 71, "{id}");
     let layers = store.layers("committed:v1");
-    assert_eq!(layers.len(), 4);
-    assert_eq!(layers[..3], store.layers("app")[..]);
+    assert_eq!(layers.len(), 5);
+    assert_eq!(layers[..4], store.layers("app")[..]);
     let inspect = store.json(&["image", "inspect", "committed:v1"]);
     assert_eq!(inspect[0]["Id"], id.as_str());
     assert_eq!(inspect[0]["Author"], "tester");
@@ -271,6 +308,10 @@ fn diff_matches_podman_and_the_commit_runs_in_podman() {
         .arg(&m.mountpoint)
         .args(["/bin/sh", "-c", LISTING]));
     let expected_tree = without_container_files(&String::from_utf8_lossy(&listing.stdout));
+    let expected_xattrs = kept_xattrs(&m.mountpoint);
+    let cap = &expected_xattrs["data/cap"]["security.capability"];
+    assert!(!cap.is_empty(), "{expected_xattrs:?}");
+    assert_eq!(expected_xattrs["data/ux"]["user.test"], b"ux-value");
     // The diff still answers once unmounted.
     store.ok(&["container", "umount", "c1"]);
     m.unmount();
@@ -300,6 +341,8 @@ fn diff_matches_podman_and_the_commit_runs_in_podman() {
         "/data/new ",
         "/data/suid ",
         "/data/b2 ",
+        "/dirB/sub/f ",
+        "/data/cap ",
     ] {
         assert!(
             expected_tree.iter().any(|l| l.starts_with(sign)),
@@ -307,12 +350,21 @@ fn diff_matches_podman_and_the_commit_runs_in_podman() {
         );
     }
     assert!(
+        !expected_tree.iter().any(|l| l.starts_with("/dirA")),
+        "{expected_tree:#?}"
+    );
+    assert!(
         expected_tree
             .iter()
             .any(|l| l.starts_with("/data/suid regular file 4755 ")),
         "{expected_tree:#?}"
     );
     assert_eq!(got, expected_tree);
+    // The xattrs, as podman stores the loaded image.
+    let podman_mount = PathBuf::from(podman.ok(&["image", "mount", hex], &dir));
+    let got_xattrs = kept_xattrs(&podman_mount);
+    podman.ok(&["image", "umount", hex], &dir);
+    assert_eq!(got_xattrs, expected_xattrs);
     let podman_history = podman.ok(&["image", "history", "--format", "{{.Comment}}", hex], &dir);
     assert!(podman_history.contains("the changes"), "{podman_history}");
     let podman_layers = podman.ok(
