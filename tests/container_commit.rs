@@ -9,9 +9,9 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::podman::{CONTAINER_INIT, LISTING, Podman, install_busybox, without_container_files};
 use common::*;
@@ -435,4 +435,107 @@ fn commits_are_deterministic_and_share_the_parents_layers() {
     store.refused(&["container", "diff", "../c2"]);
     assert_eq!(store.count("tmp"), 0);
     store.ok(&["container", "rm", "c2"]);
+}
+
+/// Every layer and image the index lists has its files; after a
+/// command's cleanup, no layer is on disk that the index does not list.
+fn assert_store_consistent(store: &Store) {
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(store.root().join("index.json")).unwrap()).unwrap();
+    let layers = index["layers"].as_object().unwrap();
+    let mut listed: Vec<String> = layers.keys().map(|k| k[7..].to_string()).collect();
+    listed.sort();
+    let mut on_disk: Vec<String> = fs::read_dir(store.root().join("layers"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    on_disk.sort();
+    assert_eq!(on_disk, listed, "layers on disk vs the index");
+    for (diff_id, layer) in layers {
+        if layer["tar_size"].is_u64() {
+            let tar = store.root().join("blobs/sha256").join(&diff_id[7..]);
+            assert!(tar.is_file(), "{} is missing", tar.display());
+        }
+    }
+    for (id, image) in index["images"].as_object().unwrap() {
+        let config = store
+            .root()
+            .join("images")
+            .join(format!("{}.json", &id[7..]));
+        assert!(config.is_file(), "{} is missing", config.display());
+        for layer in image["layers"].as_array().unwrap() {
+            assert!(listed.contains(&layer.as_str().unwrap()[7..].to_string()));
+        }
+    }
+}
+
+#[test]
+fn sigkill_during_commit_leaves_a_consistent_store() {
+    let store = Store::new();
+    store.ok(&["container", "create", "--name", "k", "app"]);
+    let mnt = store.scratch.mkdir("mnt");
+    let mut m = store.mount("k", &mnt);
+    // Enough to commit that the kills land in writing, unpacking and
+    // verifying, and storing the layer.
+    let big: Vec<u8> = (0..48u32 << 20).map(|i| (i * 7 + i / 4093) as u8).collect();
+    write(m.path("data/big"), &big);
+    fs::create_dir(m.path("data/many")).unwrap();
+    for i in 0..1500 {
+        write(
+            m.path(&format!("data/many/f{i}")),
+            format!("{i}\n").as_bytes(),
+        );
+    }
+    fs::remove_file(m.path("data/a")).unwrap();
+    store.ok(&["container", "umount", "k"]);
+    m.unmount();
+    assert!(!is_mounted(&mnt));
+
+    let layers_before = store.count("layers");
+    let images_before = store.count("images");
+    let started = Instant::now();
+    store.ok(&["container", "commit", "-q", "k", "reference"]);
+    let took = started.elapsed();
+    let diff_id = store.layers("reference").pop().unwrap();
+    // Forgotten again: the crashed commits below must store the layer anew.
+    store.ok(&["image", "rm", "reference"]);
+    assert_eq!(store.count("layers"), layers_before);
+    assert_eq!(store.count("images"), images_before);
+
+    // Very early (0), then spread over an uncrashed commit's time.
+    for percent in [0u32, 3, 10, 25, 40, 55, 70, 85, 95] {
+        let delay = took * percent / 100;
+        let mut child = Command::new(BIN)
+            .args(["container", "commit", "-q", "k", "crashed"])
+            .arg("--root")
+            .arg(store.root())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(delay);
+        // Our own child, by its PID.
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        child.wait().unwrap();
+        // The next command cleans up and finds the store whole.
+        let listed = store.ok(&["image", "ls"]);
+        assert_eq!(store.count("tmp"), 0, "leftovers after {delay:?}");
+        assert_store_consistent(&store);
+        assert!(listed.contains("app"), "{listed}");
+        // A commit that got to its index write is whole; drop it again.
+        if store.run(&["image", "inspect", "crashed"]).status.success() {
+            assert_eq!(store.layers("crashed").pop().unwrap(), diff_id);
+            store.ok(&["image", "rm", "crashed"]);
+        }
+    }
+    store.ok(&["container", "commit", "-q", "k", "after"]);
+    assert_eq!(store.layers("after").pop().unwrap(), diff_id);
+    assert_eq!(store.count("layers"), layers_before + 1);
+    assert_store_consistent(&store);
+    assert_eq!(store.count("tmp"), 0);
+    store.ok(&["container", "rm", "k"]);
 }
