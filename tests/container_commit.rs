@@ -426,6 +426,36 @@ fn commits_are_deterministic_and_share_the_parents_layers() {
         let users = if parent.contains(diff_id) { "3" } else { "2" };
         assert!(rows[0].trim_end().ends_with(users), "{df}");
     }
+    // The same numbers as JSON, in bytes.
+    let summary = store.json(&["system", "df", "--format", "json"]);
+    let types: Vec<&str> = summary
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["Type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["Images", "Layers", "Layer tars", "Containers"]);
+    assert_eq!(summary[0]["TotalCount"], 3);
+    assert_eq!(summary[1]["TotalCount"], layer_count + 1);
+    assert_eq!(summary[3]["TotalCount"], 1);
+    assert_eq!(summary[3]["Active"], 0);
+    assert!(summary[1]["Size"].as_u64().unwrap() > 0, "{summary}");
+    let verbose = store.json(&["system", "df", "-v", "--format", "json"]);
+    assert_eq!(verbose["Summary"], summary);
+    assert_eq!(verbose["Images"].as_array().unwrap().len(), 3);
+    for diff_id in &one {
+        let layer = verbose["Layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["Id"] == diff_id.as_str())
+            .unwrap_or_else(|| panic!("{diff_id}: {verbose}"));
+        let users = if parent.contains(diff_id) { 3 } else { 2 };
+        assert_eq!(layer["Images"], users, "{verbose}");
+        assert!(layer["TarSize"].as_u64().unwrap() > 0, "{verbose}");
+    }
+    assert_eq!(verbose["Containers"][0]["Name"], "c2");
+    assert_eq!(verbose["Containers"][0]["Mounted"], false);
 
     // Errors: one line, exit 1.
     store.refused(&["container", "commit", "nosuch", "x"]);
