@@ -6,12 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=
-for tool in fusermount3 setfattr getfacl python3 unshare stress-ng podman runc busybox strace; do
+for tool in fusermount3 setfattr getfacl python3 unshare stress-ng podman runc busybox strace setcap; do
   command -v "$tool" >/dev/null || need_apt=1
 done
 if [ -n "$need_apt" ]; then
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 attr acl python3 util-linux kmod stress-ng podman runc busybox-static strace >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 attr acl python3 util-linux kmod stress-ng podman runc busybox-static strace libcap2-bin >/dev/null
 fi
 modprobe fuse 2>/dev/null || true
 modprobe overlay 2>/dev/null || true

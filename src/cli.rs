@@ -198,6 +198,8 @@ pub enum SystemCommand {
         /// Per image and per layer
         #[arg(short = 'v', long)]
         verbose: bool,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        format: OutputFormat,
     },
 }
 
@@ -440,7 +442,10 @@ mod tests {
         };
         assert!(matches!(
             system.command,
-            SystemCommand::Df { verbose: true }
+            SystemCommand::Df {
+                verbose: true,
+                format: OutputFormat::Table
+            }
         ));
     }
 

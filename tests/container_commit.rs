@@ -5,23 +5,50 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::podman::{CONTAINER_INIT, LISTING, Podman, install_busybox, without_container_files};
 use common::*;
 
-/// Three layers: a base with a setuid file and hard links; one deleting a
-/// file and replacing a directory (opaque); one adding a hard link and a
-/// setuid file.
+/// Four layers: a base with a setuid file, hard links, a setcap'd file
+/// (`security.capability`) and `user.*` xattrs; one deleting a file and
+/// replacing a directory (opaque); one adding a hard link and a setuid
+/// file; one renaming a directory.
 const CONTAINERFILE: &str = "FROM base
 RUN rm /data/gone && rm -rf /data/dir && mkdir /data/dir && echo new > /data/dir/n && echo b > /data/b
 RUN ln /data/b /data/b2 && echo s > /data/suid2 && chmod 4755 /data/suid2
+RUN mv /dirA /dirB
 ";
+
+/// The `security.capability` and `user.*` xattrs of every path under
+/// `root` (symlinks not followed), by path relative to `root`.
+fn kept_xattrs(root: &Path) -> BTreeMap<String, BTreeMap<String, Vec<u8>>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, BTreeMap<String, Vec<u8>>>) {
+        for entry in fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let mut found = xattrs_with_prefix(&path, "user.");
+            found.extend(xattrs_with_prefix(&path, "security.capability"));
+            if !found.is_empty() {
+                let rel = path.strip_prefix(root).unwrap();
+                out.insert(rel.to_string_lossy().into_owned(), found);
+            }
+            if fs::symlink_metadata(&path).unwrap().is_dir() {
+                walk(root, &path, out);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    for top in ["data", "dirB", "bin", "etc"] {
+        walk(root, &root.join(top), &mut out);
+    }
+    out
+}
 
 /// The changes made in the container: a new file, a lower file modified
 /// and one deleted, a lower dir deleted, one replaced, one renamed (a
@@ -54,13 +81,23 @@ fn fixture() -> &'static PathBuf {
             ("data/keep/k", b"k\n"),
             ("data/h1", b"h\n"),
             ("data/suid", b"s\n"),
+            ("data/cap", b"cap\n"),
+            ("data/ux", b"ux\n"),
+            ("dirA/g", b"g\n"),
+            ("dirA/sub/f", b"f\n"),
             ("etc/passwd", b"root:x:0:0:root:/:/bin/sh\n"),
         ] {
             write(rootfs.join(path), content);
         }
         fs::hard_link(rootfs.join("data/h1"), rootfs.join("data/h2")).unwrap();
         fs::set_permissions(rootfs.join("data/suid"), fs::Permissions::from_mode(0o4755)).unwrap();
+        sh(Command::new("setcap")
+            .arg("cap_net_raw+ep")
+            .arg(rootfs.join("data/cap")));
+        set_xattr(rootfs.join("data/ux"), "user.test", "ux-value");
+        // podman import keeps the xattrs the tar carries.
         sh(Command::new("tar")
+            .args(["--xattrs", "--xattrs-include=*"])
             .arg("-C")
             .arg(&rootfs)
             .arg("-cf")
@@ -210,7 +247,7 @@ fn diff_matches_podman_and_the_commit_runs_in_podman() {
     assert!(expected.contains("D /data/c"), "{expected}");
 
     let store = Store::new();
-    assert_eq!(store.layers("app").len(), 3);
+    assert_eq!(store.layers("app").len(), 4);
     store.ok(&["container", "create", "--name", "c1", "app"]);
     let mnt = s.mkdir("mnt");
     let mut m = store.mount("c1", &mnt);
@@ -257,8 +294,8 @@ fn diff_matches_podman_and_the_commit_runs_in_podman() {
         .to_string();
     assert!(id.starts_with("sha256:") && id.len() == 71, "{id}");
     let layers = store.layers("committed:v1");
-    assert_eq!(layers.len(), 4);
-    assert_eq!(layers[..3], store.layers("app")[..]);
+    assert_eq!(layers.len(), 5);
+    assert_eq!(layers[..4], store.layers("app")[..]);
     let inspect = store.json(&["image", "inspect", "committed:v1"]);
     assert_eq!(inspect[0]["Id"], id.as_str());
     assert_eq!(inspect[0]["Author"], "tester");
@@ -276,6 +313,10 @@ fn diff_matches_podman_and_the_commit_runs_in_podman() {
         .arg(&m.mountpoint)
         .args(["/bin/sh", "-c", LISTING]));
     let expected_tree = without_container_files(&String::from_utf8_lossy(&listing.stdout));
+    let expected_xattrs = kept_xattrs(&m.mountpoint);
+    let cap = &expected_xattrs["data/cap"]["security.capability"];
+    assert!(!cap.is_empty(), "{expected_xattrs:?}");
+    assert_eq!(expected_xattrs["data/ux"]["user.test"], b"ux-value");
     // The diff still answers once unmounted.
     store.ok(&["container", "umount", "c1"]);
     m.unmount();
@@ -305,6 +346,8 @@ fn diff_matches_podman_and_the_commit_runs_in_podman() {
         "/data/new ",
         "/data/suid ",
         "/data/b2 ",
+        "/dirB/sub/f ",
+        "/data/cap ",
     ] {
         assert!(
             expected_tree.iter().any(|l| l.starts_with(sign)),
@@ -312,12 +355,21 @@ fn diff_matches_podman_and_the_commit_runs_in_podman() {
         );
     }
     assert!(
+        !expected_tree.iter().any(|l| l.starts_with("/dirA")),
+        "{expected_tree:#?}"
+    );
+    assert!(
         expected_tree
             .iter()
             .any(|l| l.starts_with("/data/suid regular file 4755 ")),
         "{expected_tree:#?}"
     );
     assert_eq!(got, expected_tree);
+    // The xattrs, as podman stores the loaded image.
+    let podman_mount = PathBuf::from(podman.ok(&["image", "mount", hex], &dir));
+    let got_xattrs = kept_xattrs(&podman_mount);
+    podman.ok(&["image", "umount", hex], &dir);
+    assert_eq!(got_xattrs, expected_xattrs);
     let podman_history = podman.ok(&["image", "history", "--format", "{{.Comment}}", hex], &dir);
     assert!(podman_history.contains("the changes"), "{podman_history}");
     let podman_layers = podman.ok(
@@ -379,6 +431,36 @@ fn commits_are_deterministic_and_share_the_parents_layers() {
         let users = if parent.contains(diff_id) { "3" } else { "2" };
         assert!(rows[0].trim_end().ends_with(users), "{df}");
     }
+    // The same numbers as JSON, in bytes.
+    let summary = store.json(&["system", "df", "--format", "json"]);
+    let types: Vec<&str> = summary
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["Type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["Images", "Layers", "Layer tars", "Containers"]);
+    assert_eq!(summary[0]["TotalCount"], 3);
+    assert_eq!(summary[1]["TotalCount"], layer_count + 1);
+    assert_eq!(summary[3]["TotalCount"], 1);
+    assert_eq!(summary[3]["Active"], 0);
+    assert!(summary[1]["Size"].as_u64().unwrap() > 0, "{summary}");
+    let verbose = store.json(&["system", "df", "-v", "--format", "json"]);
+    assert_eq!(verbose["Summary"], summary);
+    assert_eq!(verbose["Images"].as_array().unwrap().len(), 3);
+    for diff_id in &one {
+        let layer = verbose["Layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["Id"] == diff_id.as_str())
+            .unwrap_or_else(|| panic!("{diff_id}: {verbose}"));
+        let users = if parent.contains(diff_id) { 3 } else { 2 };
+        assert_eq!(layer["Images"], users, "{verbose}");
+        assert!(layer["TarSize"].as_u64().unwrap() > 0, "{verbose}");
+    }
+    assert_eq!(verbose["Containers"][0]["Name"], "c2");
+    assert_eq!(verbose["Containers"][0]["Mounted"], false);
 
     // Errors: one line, exit 1.
     store.refused(&["container", "commit", "nosuch", "x"]);
@@ -388,4 +470,107 @@ fn commits_are_deterministic_and_share_the_parents_layers() {
     store.refused(&["container", "diff", "../c2"]);
     assert_eq!(store.count("tmp"), 0);
     store.ok(&["container", "rm", "c2"]);
+}
+
+/// Every layer and image the index lists has its files; after a
+/// command's cleanup, no layer is on disk that the index does not list.
+fn assert_store_consistent(store: &Store) {
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(store.root().join("index.json")).unwrap()).unwrap();
+    let layers = index["layers"].as_object().unwrap();
+    let mut listed: Vec<String> = layers.keys().map(|k| k[7..].to_string()).collect();
+    listed.sort();
+    let mut on_disk: Vec<String> = fs::read_dir(store.root().join("layers"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    on_disk.sort();
+    assert_eq!(on_disk, listed, "layers on disk vs the index");
+    for (diff_id, layer) in layers {
+        if layer["tar_size"].is_u64() {
+            let tar = store.root().join("blobs/sha256").join(&diff_id[7..]);
+            assert!(tar.is_file(), "{} is missing", tar.display());
+        }
+    }
+    for (id, image) in index["images"].as_object().unwrap() {
+        let config = store
+            .root()
+            .join("images")
+            .join(format!("{}.json", &id[7..]));
+        assert!(config.is_file(), "{} is missing", config.display());
+        for layer in image["layers"].as_array().unwrap() {
+            assert!(listed.contains(&layer.as_str().unwrap()[7..].to_string()));
+        }
+    }
+}
+
+#[test]
+fn sigkill_during_commit_leaves_a_consistent_store() {
+    let store = Store::new();
+    store.ok(&["container", "create", "--name", "k", "app"]);
+    let mnt = store.scratch.mkdir("mnt");
+    let mut m = store.mount("k", &mnt);
+    // Enough to commit that the kills land in writing, unpacking and
+    // verifying, and storing the layer.
+    let big: Vec<u8> = (0..48u32 << 20).map(|i| (i * 7 + i / 4093) as u8).collect();
+    write(m.path("data/big"), &big);
+    fs::create_dir(m.path("data/many")).unwrap();
+    for i in 0..1500 {
+        write(
+            m.path(&format!("data/many/f{i}")),
+            format!("{i}\n").as_bytes(),
+        );
+    }
+    fs::remove_file(m.path("data/a")).unwrap();
+    store.ok(&["container", "umount", "k"]);
+    m.unmount();
+    assert!(!is_mounted(&mnt));
+
+    let layers_before = store.count("layers");
+    let images_before = store.count("images");
+    let started = Instant::now();
+    store.ok(&["container", "commit", "-q", "k", "reference"]);
+    let took = started.elapsed();
+    let diff_id = store.layers("reference").pop().unwrap();
+    // Forgotten again: the crashed commits below must store the layer anew.
+    store.ok(&["image", "rm", "reference"]);
+    assert_eq!(store.count("layers"), layers_before);
+    assert_eq!(store.count("images"), images_before);
+
+    // Very early (0), then spread over an uncrashed commit's time.
+    for percent in [0u32, 3, 10, 25, 40, 55, 70, 85, 95] {
+        let delay = took * percent / 100;
+        let mut child = Command::new(BIN)
+            .args(["container", "commit", "-q", "k", "crashed"])
+            .arg("--root")
+            .arg(store.root())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(delay);
+        // Our own child, by its PID.
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        child.wait().unwrap();
+        // The next command cleans up and finds the store whole.
+        let listed = store.ok(&["image", "ls"]);
+        assert_eq!(store.count("tmp"), 0, "leftovers after {delay:?}");
+        assert_store_consistent(&store);
+        assert!(listed.contains("app"), "{listed}");
+        // A commit that got to its index write is whole; drop it again.
+        if store.run(&["image", "inspect", "crashed"]).status.success() {
+            assert_eq!(store.layers("crashed").pop().unwrap(), diff_id);
+            store.ok(&["image", "rm", "crashed"]);
+        }
+    }
+    store.ok(&["container", "commit", "-q", "k", "after"]);
+    assert_eq!(store.layers("after").pop().unwrap(), diff_id);
+    assert_eq!(store.count("layers"), layers_before + 1);
+    assert_store_consistent(&store);
+    assert_eq!(store.count("tmp"), 0);
+    store.ok(&["container", "rm", "k"]);
 }

@@ -8,10 +8,13 @@
 mod common;
 
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
 
 use common::podman::Podman;
 use common::*;
@@ -302,4 +305,100 @@ fn save_errors_are_one_line() {
         .filter(|n| n.to_string_lossy().contains("unionfs-save"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// Paths, types, modes, sizes and contents of everything under `dir`.
+fn tree_digest(dir: &Path) -> String {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+        let mut entries: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        entries.sort();
+        for path in entries {
+            let meta = fs::symlink_metadata(&path).unwrap();
+            let rel = path.strip_prefix(root).unwrap().display().to_string();
+            let content = if meta.is_file() {
+                Sha256::digest(fs::read(&path).unwrap())
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect()
+            } else if meta.file_type().is_symlink() {
+                fs::read_link(&path).unwrap().display().to_string()
+            } else {
+                String::new()
+            };
+            out.push(format!("{rel} {:o} {} {content}", meta.mode(), meta.len()));
+            if meta.is_dir() {
+                walk(root, &path, out);
+            }
+        }
+    }
+    let mut lines = Vec::new();
+    walk(dir, dir, &mut lines);
+    lines.join("\n")
+}
+
+#[test]
+fn sigkill_during_save_leaves_no_partial_archive() {
+    let store = StoreDir::loaded();
+    let out_dir = store.scratch.mkdir("out");
+    let reference_path = store.save("docker-archive", "reference.tar");
+    let reference = fs::read(&reference_path).unwrap();
+    let store_before = tree_digest(&store.root());
+    let started = Instant::now();
+    store.save("docker-archive", "timed.tar");
+    let took = started.elapsed();
+    for percent in [0u32, 5, 15, 30, 50, 70, 90, 98] {
+        let target = out_dir.join(format!("killed-{percent}.tar"));
+        let mut child = Command::new(BIN)
+            .args(["image", "save", "-q", "saved", "-o"])
+            .arg(&target)
+            .arg("--root")
+            .arg(store.root())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(took * percent / 100);
+        // Our own child, by its PID.
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        child.wait().unwrap();
+        if target.exists() {
+            assert!(
+                fs::read(&target).unwrap() == reference,
+                "{percent}%: a partial archive"
+            );
+        }
+        // The next save to the same file removes the killed one's temp.
+        store.ok(&[
+            "image",
+            "save",
+            "-q",
+            "saved",
+            "-o",
+            target.to_str().unwrap(),
+        ]);
+        assert!(
+            fs::read(&target).unwrap() == reference,
+            "{percent}%: the save after the kill differs"
+        );
+        let names: Vec<String> = fs::read_dir(&out_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names.iter().all(|n| !n.starts_with('.')),
+            "{percent}%: temps left: {names:?}"
+        );
+        assert_eq!(
+            tree_digest(&store.root()),
+            store_before,
+            "{percent}%: the store changed"
+        );
+    }
 }

@@ -98,7 +98,9 @@ pub fn run_image(args: ImageArgs) -> Result<()> {
 pub fn run_system(args: SystemArgs) -> Result<()> {
     let store = open_store(args.root)?;
     match args.command {
-        SystemCommand::Df { verbose } => df::df(&store, verbose),
+        SystemCommand::Df { verbose, format } => {
+            df::df(&store, verbose, format == OutputFormat::Json)
+        }
     }
 }
 

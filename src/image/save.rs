@@ -15,8 +15,10 @@
 //! own headers, gzip without a name or time, JSON with sorted keys).
 //! Each layer is compressed to a temp file in the store's `tmp/` (a tar
 //! header needs the size first, the manifest the digest), appended, and
-//! removed; a `-o FILE` is written beside FILE and renamed over it when
-//! whole, so a failed save leaves no half archive.
+//! removed; a `-o FILE` is written beside FILE (`.FILE.unionfs-save-PID`)
+//! and renamed over it when whole, so a failed save leaves no half
+//! archive. A save killed meanwhile leaves its temp; the next save to
+//! the same FILE removes the temps whose process is gone.
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, IsTerminal, Read, Write};
@@ -327,11 +329,9 @@ impl Output {
         let name = path
             .file_name()
             .ok_or_else(|| format!("cannot write {}: not a file name", path.display()))?;
-        let temp = path.with_file_name(format!(
-            ".{}.unionfs-save-{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
+        let prefix = format!(".{}.unionfs-save-", name.to_string_lossy());
+        remove_stale_temps(path, &prefix);
+        let temp = path.with_file_name(format!("{prefix}{}", std::process::id()));
         let file = File::create(&temp).map_err(cannot)?;
         Ok(Output {
             sink: Sink::File(file),
@@ -354,6 +354,34 @@ impl Output {
             return Err(format!("cannot write {}: {e}", target.display()));
         }
         Ok(())
+    }
+}
+
+/// Removes the temps that saves to the same FILE left beside it when
+/// killed: `PREFIX<pid>` whose process is gone (a live one is still
+/// writing; a reused PID only delays the removal to a later save).
+fn remove_stale_temps(path: &Path, prefix: &str) {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|pid| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let gone = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+            == Err(nix::errno::Errno::ESRCH);
+        if pid > 0 && gone && entry.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = fs::remove_file(entry.path());
+        }
     }
 }
 
