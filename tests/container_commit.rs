@@ -9,11 +9,12 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::podman::{CONTAINER_INIT, LISTING, Podman, install_busybox, without_container_files};
+use common::store::ImageStore as Store;
 use common::*;
 
 /// Four layers: a base with a setuid file, hard links, a setcap'd file
@@ -140,55 +141,14 @@ fn fixture() -> &'static PathBuf {
     })
 }
 
-struct Store {
-    scratch: Scratch,
+/// A store with the fixture image loaded.
+fn loaded_store() -> Store {
+    let store = Store::new();
+    store.ok(&["image", "load", "-q", "-i", fixture().to_str().unwrap()]);
+    store
 }
 
 impl Store {
-    fn new() -> Store {
-        let store = Store {
-            scratch: Scratch::new(),
-        };
-        store.ok(&["image", "load", "-q", "-i", fixture().to_str().unwrap()]);
-        store
-    }
-
-    fn root(&self) -> PathBuf {
-        self.scratch.path("store")
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        run_with_timeout(
-            Command::new(BIN).args(args).arg("--root").arg(self.root()),
-            Duration::from_secs(120),
-        )
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "unionfs {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn refused(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(!out.status.success(), "unionfs {args:?} succeeded");
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
-        assert!(!stderr.contains("panicked"), "{stderr}");
-        stderr
-    }
-
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        serde_json::from_str(&self.ok(args)).unwrap()
-    }
-
     fn layers(&self, image: &str) -> Vec<String> {
         self.json(&["image", "inspect", image])[0]["RootFS"]["Layers"]
             .as_array()
@@ -196,11 +156,6 @@ impl Store {
             .iter()
             .map(|d| d.as_str().unwrap().to_string())
             .collect()
-    }
-
-    fn mount(&self, name: &str, mountpoint: &Path) -> UnionMount {
-        self.ok(&["container", "mount", name, mountpoint.to_str().unwrap()]);
-        UnionMount::adopt(mountpoint)
     }
 
     fn count(&self, dir: &str) -> usize {
@@ -246,7 +201,7 @@ fn diff_matches_podman_and_the_commit_runs_in_podman() {
     podman.ok(&["rm", "pc"], &dir);
     assert!(expected.contains("D /data/c"), "{expected}");
 
-    let store = Store::new();
+    let store = loaded_store();
     assert_eq!(store.layers("app").len(), 4);
     store.ok(&["container", "create", "--name", "c1", "app"]);
     let mnt = s.mkdir("mnt");
@@ -391,7 +346,7 @@ fn diff_matches_podman_and_the_commit_runs_in_podman() {
 
 #[test]
 fn commits_are_deterministic_and_share_the_parents_layers() {
-    let store = Store::new();
+    let store = loaded_store();
     let parent = store.layers("app");
     let layer_count = store.count("layers");
     let blob_count = store.count("blobs/sha256");
@@ -506,7 +461,7 @@ fn assert_store_consistent(store: &Store) {
 
 #[test]
 fn sigkill_during_commit_leaves_a_consistent_store() {
-    let store = Store::new();
+    let store = loaded_store();
     store.ok(&["container", "create", "--name", "k", "app"]);
     let mnt = store.scratch.mkdir("mnt");
     let mut m = store.mount("k", &mnt);

@@ -10,7 +10,7 @@ use std::fs;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use nix::fcntl::{OFlag, open, openat};
 use nix::sys::stat::{Mode, mkdirat};
 
 use common::podman::{Podman, install_busybox};
+use common::store::ImageStore as Store;
 use common::*;
 
 /// A base layer and one on top that deletes a file and replaces a directory.
@@ -86,62 +87,19 @@ fn fixture() -> &'static Fixture {
 }
 
 /// A store with the fixture image loaded.
-struct Store {
-    scratch: Scratch,
+fn loaded_store() -> Store {
+    let store = Store::new();
+    store.ok(&[
+        "image",
+        "load",
+        "-q",
+        "-i",
+        fixture().archive.to_str().unwrap(),
+    ]);
+    store
 }
 
 impl Store {
-    fn new() -> Store {
-        let store = Store {
-            scratch: Scratch::new(),
-        };
-        store.ok(&[
-            "image",
-            "load",
-            "-q",
-            "-i",
-            fixture().archive.to_str().unwrap(),
-        ]);
-        store
-    }
-
-    fn root(&self) -> PathBuf {
-        self.scratch.path("store")
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        run_with_timeout(
-            Command::new(BIN).args(args).arg("--root").arg(self.root()),
-            Duration::from_secs(120),
-        )
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "unionfs {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    /// Runs a command that must fail with one line on stderr; returns it.
-    fn refused(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(!out.status.success(), "unionfs {args:?} succeeded");
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
-        assert!(!stderr.contains("panicked"), "{stderr}");
-        stderr
-    }
-
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        serde_json::from_str(&self.ok(args)).unwrap()
-    }
-
     fn layer_dirs(&self) -> Vec<PathBuf> {
         self.json(&["image", "inspect", "app"])[0]["LayerDirs"]
             .as_array()
@@ -153,12 +111,6 @@ impl Store {
 
     fn upper(&self, name: &str) -> PathBuf {
         self.root().join("containers").join(name).join("upper")
-    }
-
-    /// `container mount`, held by a guard that unmounts on drop.
-    fn mount(&self, name: &str, mountpoint: &Path) -> UnionMount {
-        self.ok(&["container", "mount", name, mountpoint.to_str().unwrap()]);
-        UnionMount::adopt(mountpoint)
     }
 
     fn index_containers(&self) -> BTreeSet<String> {
@@ -196,7 +148,7 @@ impl Store {
 
 #[test]
 fn two_containers_of_one_image() {
-    let store = Store::new();
+    let store = loaded_store();
     assert_eq!(
         store.ok(&["container", "create", "--name", "c1", "app"]),
         "c1\n"
@@ -353,7 +305,7 @@ fn deep_tree(dir: &Path, depth: usize) {
 
 #[test]
 fn a_container_with_a_very_deep_upper_is_removed() {
-    let store = Store::new();
+    let store = loaded_store();
     store.ok(&["container", "create", "--name", "deep", "app"]);
     let mut mount = store.mount("deep", &store.scratch.mkdir("m"));
     deep_tree(&mount.path("data"), 10_000);
@@ -372,7 +324,7 @@ fn a_container_with_a_very_deep_upper_is_removed() {
 
 #[test]
 fn bad_names_and_unknown_containers_are_refused() {
-    let store = Store::new();
+    let store = loaded_store();
     for bad in ["", "-x", ".x", "a/b", "..", "a b", "x\u{e9}", "a:b"] {
         let msg = store.refused(&["container", "create", &format!("--name={bad}"), "app"]);
         assert!(msg.contains("invalid container name"), "{bad:?}: {msg}");
@@ -410,7 +362,7 @@ fn bad_names_and_unknown_containers_are_refused() {
 
 #[test]
 fn sigkill_during_create_or_rm_leaves_a_consistent_store() {
-    let store = Store::new();
+    let store = loaded_store();
     // What a create killed before its index write leaves: a directory
     // nobody lists. The next command removes it.
     fs::create_dir_all(store.root().join("containers/ghost/upper/a/b")).unwrap();

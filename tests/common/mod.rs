@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod podman;
+pub mod store;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;

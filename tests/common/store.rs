@@ -1,0 +1,65 @@
+//! A unionfs image store in a scratch directory, driven through the CLI
+//! (`unionfs ... --root DIR`), for the image and container tests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use super::{BIN, Scratch, UnionMount, run_with_timeout};
+
+pub struct ImageStore {
+    pub scratch: Scratch,
+}
+
+impl ImageStore {
+    /// An empty store (made by the first command).
+    pub fn new() -> ImageStore {
+        ImageStore {
+            scratch: Scratch::new(),
+        }
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.scratch.path("store")
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        run_with_timeout(
+            Command::new(BIN).args(args).arg("--root").arg(self.root()),
+            Duration::from_secs(120),
+        )
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "unionfs {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs a command that must fail with one line on stderr; returns it.
+    pub fn refused(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "unionfs {args:?} succeeded");
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        stderr
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        serde_json::from_str(&self.ok(args)).unwrap()
+    }
+
+    /// `container mount`, held by a guard that unmounts on drop.
+    pub fn mount(&self, name: &str, mountpoint: &Path) -> UnionMount {
+        self.ok(&["container", "mount", name, mountpoint.to_str().unwrap()]);
+        UnionMount::adopt(mountpoint)
+    }
+}
