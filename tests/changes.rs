@@ -9,7 +9,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::podman::Podman;
+use common::podman::{Podman, tar_rootfs};
 use common::*;
 use unionfs::image::changes::{self, ChangeKind, Layers};
 
@@ -85,12 +85,7 @@ fn build_rootfs(dir: &Path) {
     ] {
         write(rootfs.join(file), content.as_bytes());
     }
-    sh(Command::new("tar")
-        .arg("-C")
-        .arg(&rootfs)
-        .arg("-cf")
-        .arg(dir.join("rootfs.tar"))
-        .arg("."));
+    tar_rootfs(&rootfs, &dir.join("rootfs.tar"));
 }
 
 /// What libpod makes in each container before the command runs.

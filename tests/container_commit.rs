@@ -13,7 +13,9 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use common::podman::{CONTAINER_INIT, LISTING, Podman, install_busybox, without_container_files};
+use common::podman::{
+    CONTAINER_INIT, LISTING, Podman, install_busybox, tar_rootfs, without_container_files,
+};
 use common::store::ImageStore as Store;
 use common::*;
 
@@ -97,31 +99,10 @@ fn fixture() -> &'static PathBuf {
             .arg(rootfs.join("data/cap")));
         set_xattr(rootfs.join("data/ux"), "user.test", "ux-value");
         // podman import keeps the xattrs the tar carries.
-        sh(Command::new("tar")
-            .args(["--xattrs", "--xattrs-include=*"])
-            .arg("-C")
-            .arg(&rootfs)
-            .arg("-cf")
-            .arg(dir.join("rootfs.tar"))
-            .arg("."));
+        tar_rootfs(&rootfs, &dir.join("rootfs.tar"));
         fs::write(dir.join("Containerfile"), CONTAINERFILE).unwrap();
         let podman = Podman::new(dir.join("podman"));
-        podman.ok(&["import", "rootfs.tar", "base"], &dir);
-        podman.ok(
-            &[
-                "build",
-                "--network",
-                "none",
-                "--ulimit",
-                "nofile=1024:1024",
-                "-t",
-                "app",
-                "-f",
-                "Containerfile",
-                ".",
-            ],
-            &dir,
-        );
+        podman.import_and_build(&dir, "app");
         // podman diff reports a directory at its own place only when its
         // mtime differs from the lower one's to the second (else later, as
         // a parent): changes made in the second of the build would give

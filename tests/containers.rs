@@ -17,7 +17,7 @@ use std::time::Duration;
 use nix::fcntl::{OFlag, open, openat};
 use nix::sys::stat::{Mode, mkdirat};
 
-use common::podman::{Podman, install_busybox};
+use common::podman::{Podman, install_busybox, tar_rootfs};
 use common::store::ImageStore as Store;
 use common::*;
 
@@ -47,30 +47,10 @@ fn fixture() -> &'static Fixture {
         ] {
             write(rootfs.join(path), content);
         }
-        sh(Command::new("tar")
-            .arg("-C")
-            .arg(&rootfs)
-            .arg("-cf")
-            .arg(dir.join("rootfs.tar"))
-            .arg("."));
+        tar_rootfs(&rootfs, &dir.join("rootfs.tar"));
         fs::write(dir.join("Containerfile"), CONTAINERFILE).unwrap();
         let podman = Podman::new(dir.join("podman"));
-        podman.ok(&["import", "rootfs.tar", "base"], &dir);
-        podman.ok(
-            &[
-                "build",
-                "--network",
-                "none",
-                "--ulimit",
-                "nofile=1024:1024",
-                "-t",
-                "app",
-                "-f",
-                "Containerfile",
-                ".",
-            ],
-            &dir,
-        );
+        podman.import_and_build(&dir, "app");
         let archive = dir.join("app.tar");
         podman.ok(
             &[

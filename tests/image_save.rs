@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use common::podman::Podman;
+use common::podman::{Podman, tar_rootfs};
 use common::*;
 
 const CONTAINERFILE: &str = "FROM base
@@ -106,30 +106,10 @@ fn build_fixture() -> Fixture {
     ] {
         write(rootfs.join(path), content);
     }
-    sh(Command::new("tar")
-        .arg("-C")
-        .arg(&rootfs)
-        .arg("-cf")
-        .arg(dir.join("rootfs.tar"))
-        .arg("."));
+    tar_rootfs(&rootfs, &dir.join("rootfs.tar"));
     fs::write(dir.join("Containerfile"), CONTAINERFILE).unwrap();
     let podman = Podman::new(dir.join("podman"));
-    podman.ok(&["import", "rootfs.tar", "base"], &dir);
-    podman.ok(
-        &[
-            "build",
-            "--network",
-            "none",
-            "--ulimit",
-            "nofile=1024:1024",
-            "-t",
-            IMAGE,
-            "-f",
-            "Containerfile",
-            ".",
-        ],
-        &dir,
-    );
+    podman.import_and_build(&dir, IMAGE);
     let original = dir.join("original.tar");
     podman.ok(&["save", "-o", original.to_str().unwrap(), IMAGE], &dir);
     let (id, diff_ids) = podman.inspect(IMAGE, &dir);

@@ -9,7 +9,7 @@ use std::io::Read;
 use std::path::Path;
 use std::process::Command;
 
-use common::podman::Podman;
+use common::podman::{Podman, tar_rootfs, without_container_files};
 use common::*;
 use unionfs::image::changes::Layers;
 use unionfs::image::layer_tar::write_layer_tar;
@@ -252,28 +252,6 @@ const LISTING: &str = r#"busybox find / -xdev | busybox sort | while read f; do
   echo "$(busybox stat -c '%n %F %a %u %g' "$f") $extra"
 done"#;
 
-/// What podman puts in every container, left out of the comparison, and
-/// the root (podman makes it 555 in containers).
-fn without_container_files(listing: &str) -> Vec<String> {
-    let skip = [
-        "/proc",
-        "/sys",
-        "/dev",
-        "/run",
-        "/etc/hosts",
-        "/etc/hostname",
-        "/etc/resolv.conf",
-        "/etc/mtab",
-        "/etc ",
-        "/ ",
-    ];
-    listing
-        .lines()
-        .filter(|l| !skip.iter().any(|s| l.starts_with(s) || *l == s.trim_end()))
-        .map(str::to_string)
-        .collect()
-}
-
 fn rootfs_tar(dir: &Path) {
     let rootfs = dir.join("rootfs");
     for d in ["bin", "etc", "data/sub", "data/mv/in", "data/rep/old"] {
@@ -297,12 +275,7 @@ fn rootfs_tar(dir: &Path) {
     ] {
         write(rootfs.join(file), content.as_bytes());
     }
-    sh(Command::new("tar")
-        .arg("-C")
-        .arg(&rootfs)
-        .arg("-cf")
-        .arg(dir.join("rootfs.tar"))
-        .arg("."));
+    tar_rootfs(&rootfs, &dir.join("rootfs.tar"));
 }
 
 /// Changes through a unionfs mount: a redirect, an opaque replacement,

@@ -57,6 +57,27 @@ impl Podman {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Imports `dir/rootfs.tar` as `base` and builds `dir/Containerfile`
+    /// on it as `tag`, offline.
+    pub fn import_and_build(&self, dir: &Path, tag: &str) {
+        self.ok(&["import", "rootfs.tar", "base"], dir);
+        self.ok(
+            &[
+                "build",
+                "--network",
+                "none",
+                "--ulimit",
+                "nofile=1024:1024",
+                "-t",
+                tag,
+                "-f",
+                "Containerfile",
+                ".",
+            ],
+            dir,
+        );
+    }
+
     /// The image's ID (`sha256:...`) and diff_ids.
     pub fn inspect(&self, image: &str, dir: &Path) -> (String, Vec<String>) {
         let id = self.ok(&["image", "inspect", "--format", "{{.Id}}", image], dir);
@@ -139,4 +160,18 @@ pub fn without_container_files(listing: &str) -> Vec<String> {
         .filter(|l| !skip.iter().any(|s| l.starts_with(s) || *l == s.trim_end()))
         .map(str::to_string)
         .collect()
+}
+
+/// `tar` of the root filesystem `rootfs` into `tar`, xattrs (file
+/// capabilities) included, as `podman import` takes it.
+pub fn tar_rootfs(rootfs: &Path, tar: &Path) {
+    super::sh(
+        Command::new("tar")
+            .args(["--xattrs", "--xattrs-include=*"])
+            .arg("-C")
+            .arg(rootfs)
+            .arg("-cf")
+            .arg(tar)
+            .arg("."),
+    );
 }
