@@ -6,12 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=
-for tool in fusermount3 setfattr getfacl python3 unshare stress-ng podman runc busybox strace setcap; do
+for tool in fusermount3 newuidmap setfattr getfacl python3 unshare stress-ng podman runc busybox strace setcap; do
   command -v "$tool" >/dev/null || need_apt=1
 done
 if [ -n "$need_apt" ]; then
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 attr acl python3 util-linux kmod stress-ng podman runc busybox-static strace libcap2-bin >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 attr acl python3 util-linux kmod stress-ng podman runc busybox-static strace libcap2-bin uidmap >/dev/null
 fi
 modprobe fuse 2>/dev/null || true
 modprobe overlay 2>/dev/null || true
@@ -19,6 +19,9 @@ modprobe overlay 2>/dev/null || true
 # other (useradd --user-group refuses when the group is already there).
 getent group tests >/dev/null || groupadd tests
 id -u tests >/dev/null 2>&1 || useradd --no-create-home -g tests tests
+# Rootless tests map its subordinate ids in user namespaces.
+grep -q '^tests:' /etc/subuid 2>/dev/null || usermod --add-subuids 100000-165535 tests
+grep -q '^tests:' /etc/subgid 2>/dev/null || usermod --add-subgids 100000-165535 tests
 export PJDFSTEST=${PJDFSTEST:-$HOME/.cargo/bin/pjdfstest}
 [ -x "$PJDFSTEST" ] || cargo install --locked --quiet pjdfstest
 

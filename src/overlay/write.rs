@@ -117,11 +117,15 @@ impl Overlay {
             file
         } else {
             let file = self.make_object(upper.fd()?.as_fd(), name, &object, owner, &parent_attr)?;
-            if matches!(object, NewObject::Dir { .. }) && self.is_merged_stack(&stack) {
+            if matches!(object, NewObject::Dir { .. })
+                && self.format.moves_merged_dirs()
+                && self.is_merged_stack(&stack)
+            {
                 // As kernel overlayfs with redirect_dir: a directory made in a
                 // merged one is opaque, so wherever it moves later it never
                 // merges with a lower directory of the same name. Only
                 // that: the kernel goes on where the mark fails, and so do we.
+                // Without redirects (userxattr) the kernel leaves it unmarked.
                 if let Err(e) = self.mark_opaque(XattrTarget::Entry(upper.fd()?.as_fd(), name)) {
                     tracing::debug!("new directory left without an opaque mark: {e}");
                 }
