@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=
-for tool in fusermount3 setfattr getfacl python3 unshare stress-ng podman runc busybox strace setcap \
-    buildah newuidmap slirp4netns catatonit fuse-overlayfs usermod; do
+for tool in fusermount3 newuidmap setfattr getfacl python3 unshare stress-ng podman runc busybox strace setcap \
+    buildah slirp4netns catatonit fuse-overlayfs usermod; do
   command -v "$tool" >/dev/null || need_apt=1
 done
 if [ -n "$need_apt" ]; then
@@ -21,6 +21,9 @@ modprobe overlay 2>/dev/null || true
 # other (useradd --user-group refuses when the group is already there).
 getent group tests >/dev/null || groupadd tests
 id -u tests >/dev/null 2>&1 || useradd --no-create-home -g tests tests
+# Rootless tests map its subordinate ids in user namespaces.
+grep -q '^tests:' /etc/subuid 2>/dev/null || usermod --add-subuids 100000-165535 tests
+grep -q '^tests:' /etc/subgid 2>/dev/null || usermod --add-subgids 100000-165535 tests
 export PJDFSTEST=${PJDFSTEST:-$HOME/.cargo/bin/pjdfstest}
 [ -x "$PJDFSTEST" ] || cargo install --locked --quiet pjdfstest
 

@@ -41,6 +41,9 @@ pub struct MountOptions {
     pub nosuid: bool,
     pub noexec: bool,
     pub fsname: Option<String>,
+    /// The upper in kernel overlayfs' `userxattr` format (`user.overlay.*`),
+    /// also where `trusted.*` xattrs could be set.
+    pub userxattr: bool,
 }
 
 impl Default for MountOptions {
@@ -54,6 +57,7 @@ impl Default for MountOptions {
             nosuid: false,
             noexec: false,
             fsname: None,
+            userxattr: false,
         }
     }
 }
@@ -84,7 +88,6 @@ const ACCEPTED_NOOPS: &[&str] = &[
     "allow_other",
     "allow_root",
     "default_permissions",
-    "userxattr",
     "nofail",
     "_netdev",
     "fast_ino",
@@ -127,6 +130,7 @@ const FLAGS: &[&str] = &[
     "ro",
     "rw",
     "volatile",
+    "userxattr",
     "nopassthrough",
     "nodev",
     "nosuid",
@@ -175,6 +179,7 @@ pub fn apply_options(req: &mut MountRequest, arg: &str) -> Result<(), ConfigErro
             ("ro", None) => req.options.read_only = true,
             ("rw", None) => req.options.read_only = false,
             ("volatile", None) => req.options.volatile = true,
+            ("userxattr", None) => req.options.userxattr = true,
             ("passthrough", None) => req.options.passthrough = true,
             ("passthrough", Some("all")) => {
                 req.options.passthrough = true;

@@ -306,6 +306,7 @@ fn serve(mount: &ValidMount, ready: &mut ReadyPipe) -> Result<(), String> {
         upper: mount.upper.clone(),
         work: mount.work.clone(),
         volatile: mount.options.volatile,
+        userxattr: mount.options.userxattr,
     })
     .map_err(|e| {
         if e.op() == crate::overlay::workdir::IN_USE {

@@ -23,6 +23,30 @@ use std::process::Command;
 
 use common::*;
 
+/// The upper format a run compares, with what each side is mounted with.
+struct Format {
+    /// Options of the kernel overlay mounts.
+    kernel_options: &'static str,
+    /// unionfs' extra arguments.
+    unionfs_args: &'static [&'static str],
+    /// The namespace of the overlay's own xattrs, in lowers and upper.
+    overlay_xattrs: &'static str,
+}
+
+const TRUSTED: Format = Format {
+    kernel_options: "redirect_dir=on",
+    unionfs_args: &[],
+    overlay_xattrs: "trusted.overlay.",
+};
+
+/// Kernel overlayfs with `userxattr` in a user namespace; unionfs there
+/// without options: it must find on its own that `trusted.*` is refused.
+const USERXATTR: Format = Format {
+    kernel_options: "userxattr",
+    unionfs_args: &[],
+    overlay_xattrs: "user.overlay.",
+};
+
 /// xorshift64*: enough randomness, and reproducible from the seed.
 struct Rng(u64);
 
@@ -120,7 +144,7 @@ const NEW_NAMES: &[&str] = &["n1", "n2", "f1", "sub", "x", "h", "k", "j"];
 /// mount (links pointing outside are the read-path tests' business).
 const SYMLINK_TARGETS: &[&str] = &["f1", "sub", "nowhere", "a/f1"];
 
-fn build_lowers(root: &Path) -> Vec<PathBuf> {
+fn build_lowers(root: &Path, format: &Format) -> Vec<PathBuf> {
     let (l1, l2) = (root.join("l1"), root.join("l2"));
     for (p, data) in [
         ("a/f1", &b"bottom f1"[..]),
@@ -149,7 +173,11 @@ fn build_lowers(root: &Path) -> Vec<PathBuf> {
     }
     fs::create_dir_all(l1.join("b")).unwrap();
     chardev_whiteout(l1.join("b/h"));
-    set_xattr(l1.join("d"), "trusted.overlay.opaque", "y");
+    set_xattr(
+        l1.join("d"),
+        &format!("{}opaque", format.overlay_xattrs),
+        "y",
+    );
     set_fixed_times(&l1);
     set_fixed_times(&l2);
     vec![l1, l2]
@@ -396,15 +424,16 @@ fn apply(root: &Path, op: &Op) -> String {
 /// (whiteouts included), modes, sizes, contents, link targets, user xattrs
 /// and the opaque marker. Kernel bookkeeping xattrs (origin, impure, ...)
 /// are not part of the format unionfs has to reproduce.
-fn upper_snapshot(root: &Path) -> BTreeMap<PathBuf, String> {
+fn upper_snapshot(root: &Path, format: &Format) -> BTreeMap<PathBuf, String> {
+    let prefix = format.overlay_xattrs;
     let mut out = BTreeMap::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let path = root.join(&rel);
         let m = fs::symlink_metadata(&path).unwrap();
         let ft = m.file_type();
-        let mut opaque = xattrs_with_prefix(&path, "trusted.overlay.opaque");
-        let redirect = xattrs_with_prefix(&path, "trusted.overlay.redirect");
+        let mut opaque = xattrs_with_prefix(&path, &format!("{prefix}opaque"));
+        let redirect = xattrs_with_prefix(&path, &format!("{prefix}redirect"));
         // The kernel may leave a redirect to the directory's own name (set
         // before a rename that then failed): it changes nothing.
         let own_name = rel.file_name().map(|n| n.as_encoded_bytes().to_vec());
@@ -432,7 +461,8 @@ fn upper_snapshot(root: &Path) -> BTreeMap<PathBuf, String> {
         } else {
             format!("special {:o} rdev={}", m.mode(), m.rdev())
         };
-        let xattrs = user_xattrs(&path);
+        let mut xattrs = user_xattrs(&path);
+        xattrs.retain(|name, _| !name.starts_with(prefix));
         out.insert(rel, format!("{desc} xattrs={xattrs:?}"));
     }
     out
@@ -457,10 +487,19 @@ fn diff_maps(a: &BTreeMap<PathBuf, String>, b: &BTreeMap<PathBuf, String>) -> Ve
 
 struct Outcome {
     ops: usize,
+    /// Operations kernel overlayfs answered with EXDEV (directories it may
+    /// not move without redirects), so a run shows it covered them.
+    exdev: usize,
     divergences: Vec<String>,
 }
 
-fn run_sequence(s: &Scratch, lowers: &[PathBuf], seed: u64, len: usize) -> Outcome {
+fn run_sequence(
+    s: &Scratch,
+    lowers: &[PathBuf],
+    format: &Format,
+    seed: u64,
+    len: usize,
+) -> Outcome {
     let dir = s.mkdir(&format!("seq{seed}"));
     let [ours_u, kern_u, kern_w, ours_m, kern_m] = ["u", "ku", "kw", "m", "km"].map(|n| {
         let p = dir.join(n);
@@ -468,22 +507,24 @@ fn run_sequence(s: &Scratch, lowers: &[PathBuf], seed: u64, len: usize) -> Outco
         p
     });
     let lower_refs: Vec<&Path> = lowers.iter().map(|p| p.as_path()).collect();
-    let ours = UnionMount::mount(&lower_refs, Some(&ours_u), &ours_m, &[]);
+    let ours = UnionMount::mount(&lower_refs, Some(&ours_u), &ours_m, format.unionfs_args);
     let kernel = KernelMount::mount(
         &lower_refs,
         Some((&kern_u, &kern_w)),
         &kern_m,
-        "redirect_dir=on",
+        format.kernel_options,
     );
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut divergences = Vec::new();
     let mut log = Vec::new();
+    let mut exdev = 0;
     for i in 0..len {
         let paths = existing_paths(&ours.mountpoint);
         let op = gen_op(&mut rng, &paths);
         let a = apply(&ours.mountpoint, &op);
         let b = apply(&kernel.mountpoint, &op);
         log.push(format!("  #{i} {op:?} -> {a}"));
+        exdev += usize::from(b == format!("errno {}", libc::EXDEV));
         if a != b {
             divergences.push(format!(
                 "seed {seed} op #{i} {op:?}: unionfs {a} != kernel {b}"
@@ -520,7 +561,10 @@ fn run_sequence(s: &Scratch, lowers: &[PathBuf], seed: u64, len: usize) -> Outco
     drop(ours);
     drop(kernel);
     if divergences.is_empty() {
-        let u = diff_maps(&upper_snapshot(&ours_u), &upper_snapshot(&kern_u));
+        let u = diff_maps(
+            &upper_snapshot(&ours_u, format),
+            &upper_snapshot(&kern_u, format),
+        );
         divergences.extend(u.into_iter().map(|d| format!("seed {seed} upper: {d}")));
     }
     if divergences.is_empty() {
@@ -539,8 +583,12 @@ fn run_sequence(s: &Scratch, lowers: &[PathBuf], seed: u64, len: usize) -> Outco
         // Kernel overlayfs must read the upper unionfs wrote the same way.
         let w = dir.join("rw");
         fs::create_dir_all(&w).unwrap();
-        let again =
-            KernelMount::mount(&lower_refs, Some((&ours_u, &w)), &kern_m, "redirect_dir=on");
+        let again = KernelMount::mount(
+            &lower_refs,
+            Some((&ours_u, &w)),
+            &kern_m,
+            format.kernel_options,
+        );
         let t = diff_trees(
             "unionfs",
             &our_tree,
@@ -565,27 +613,29 @@ fn run_sequence(s: &Scratch, lowers: &[PathBuf], seed: u64, len: usize) -> Outco
     let _ = fs::remove_dir_all(&dir);
     Outcome {
         ops: len,
+        exdev,
         divergences,
     }
 }
 
-#[test]
-fn random_sequences_match_kernel_overlayfs() {
+/// `UNIONFS_DIFF_SEQUENCES` (or `default`) sequences from seed
+/// `UNIONFS_DIFF_SEED` (or 1); panics at the first divergence.
+fn run_sequences(s: &Scratch, format: &Format, default: u64) -> String {
     let sequences: u64 = std::env::var("UNIONFS_DIFF_SEQUENCES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(300);
+        .unwrap_or(default);
     let first: u64 = std::env::var("UNIONFS_DIFF_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
-    let s = Scratch::new();
-    let lowers = build_lowers(s.dir.path());
+    let lowers = build_lowers(s.dir.path(), format);
     let digests: Vec<String> = lowers.iter().map(|l| layer_digest(l)).collect();
-    let mut ops = 0;
+    let (mut ops, mut exdev) = (0, 0);
     for seed in first..first + sequences {
-        let outcome = run_sequence(&s, &lowers, seed, 25);
+        let outcome = run_sequence(s, &lowers, format, seed, 25);
         ops += outcome.ops;
+        exdev += outcome.exdev;
         assert!(
             outcome.divergences.is_empty(),
             "divergence:\n{}",
@@ -595,5 +645,79 @@ fn random_sequences_match_kernel_overlayfs() {
     for (layer, digest) in lowers.iter().zip(digests) {
         assert_eq!(layer_digest(layer), digest, "lower {layer:?} changed");
     }
-    eprintln!("differential: {sequences} sequences, {ops} operations, no divergence");
+    format!("{sequences} sequences, {ops} operations ({exdev} answered EXDEV), no divergence")
+}
+
+#[test]
+fn random_sequences_match_kernel_overlayfs() {
+    let s = Scratch::new();
+    eprintln!("differential: {}", run_sequences(&s, &TRUSTED, 300));
+}
+
+/// Where the user-namespace child finds its scratch directory.
+const USERNS_ENV: &str = "UNIONFS_DIFF_USERNS_SCRATCH";
+
+/// Rootless, as podman runs a mount program: uid 1001 ('tests') in a user
+/// namespace mapping it to root and its subordinate ids to 1..65535, with
+/// a private 0666 /dev/fuse. Kernel overlayfs there can only use
+/// `userxattr`; unionfs must write the same upper.
+#[test]
+fn random_sequences_match_kernel_overlayfs_with_userxattr_in_a_user_namespace() {
+    let s = Scratch::new();
+    let uid = rootless_user();
+    std::os::unix::fs::chown(s.dir.path(), Some(uid), Some(uid)).unwrap();
+    let fuse = s.path("fuse");
+    let script = format!(
+        "mknod {fuse} c 10 229 && chmod 666 {fuse} && mount --bind {fuse} /dev/fuse && \
+         exec setpriv --reuid={uid} --regid={uid} --clear-groups \
+         unshare --map-auto --map-root-user --mount --propagation private -- \"$@\"",
+        fuse = fuse.display(),
+    );
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+        "sh",
+    ])
+    .arg(std::env::current_exe().unwrap())
+    .args(["--ignored", "--exact", "userns_child", "--nocapture"])
+    .env(USERNS_ENV, s.dir.path());
+    let out = run_with_timeout(&mut cmd, std::time::Duration::from_secs(1800));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "the user-namespace run failed:\n{stdout}\n{stderr}"
+    );
+    eprintln!(
+        "{}",
+        stderr
+            .lines()
+            .filter(|l| l.starts_with("differential"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// The child side of the user-namespace test; does nothing unless asked.
+#[test]
+#[ignore = "run by the userxattr differential test inside a user namespace"]
+fn userns_child() {
+    let Ok(dir) = std::env::var(USERNS_ENV) else {
+        return;
+    };
+    assert_eq!(
+        nix::unistd::geteuid().as_raw(),
+        0,
+        "not root in the namespace"
+    );
+    let s = Scratch::inside(Path::new(&dir));
+    eprintln!(
+        "differential (userxattr, user namespace): {}",
+        run_sequences(&s, &USERXATTR, 150)
+    );
 }

@@ -9,6 +9,7 @@ mod dentry;
 pub mod dirfd;
 pub mod error;
 mod files;
+mod format;
 pub mod handles;
 pub mod ino;
 pub mod layer;
@@ -50,6 +51,7 @@ use dentry::{Dentry, DentryCache};
 use error::SysContext;
 pub use error::{Error, Result};
 pub use files::wants_write;
+use format::UpperFormat;
 pub use handles::{Handles, OpenFile};
 use ino::{InoMapper, ROOT_ID};
 use layer::{Layer, open_beneath};
@@ -66,6 +68,9 @@ pub struct OverlayConfig {
     pub work: Option<PathBuf>,
     /// Skip fsync during copy-up (podman's `volatile`).
     pub volatile: bool,
+    /// Write the upper in kernel overlayfs' `userxattr` format even where
+    /// `trusted.*` xattrs could be set.
+    pub userxattr: bool,
 }
 
 /// The kernel's caches, as far as the core needs to correct them: changes
@@ -103,9 +108,8 @@ pub struct Overlay {
     work: Option<WorkDir>,
     volatile: bool,
     kernel_cache: std::sync::OnceLock<Box<dyn KernelCache>>,
-    /// Set once mknod of a whiteout was refused: whiteouts are then written
-    /// in the xattr format.
-    xattr_whiteouts: std::sync::atomic::AtomicBool,
+    /// How markers are written into the upper (probed at mount).
+    format: UpperFormat,
 }
 
 impl Overlay {
@@ -126,6 +130,14 @@ impl Overlay {
                 return Err(Error::new(Errno::EINVAL, "an upper layer needs a work dir"));
             }
             (None, _) => None,
+        };
+        let format = match &work {
+            Some(work) => {
+                let format = UpperFormat::probe(work, config.userxattr)?;
+                tracing::info!("upper format: {format}");
+                format
+            }
+            None => UpperFormat::TRUSTED,
         };
         let devices: Vec<u64> = layers.iter().map(|l| l.dev).collect();
         let inos = InoMapper::new(&devices);
@@ -152,7 +164,7 @@ impl Overlay {
             handles: Handles::default(),
             work,
             volatile: config.volatile,
-            xattr_whiteouts: std::sync::atomic::AtomicBool::new(false),
+            format,
             kernel_cache: std::sync::OnceLock::new(),
         })
     }

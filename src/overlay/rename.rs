@@ -70,6 +70,9 @@ pub(crate) struct Facts {
     /// A lower layer holds the old name, which must stay hidden.
     pub src_name_in_lower: bool,
     pub upper_target: UpperTarget,
+    /// Directories that lower layers contribute to may move (with a
+    /// redirect); not in the `userxattr` format, as in kernel overlayfs.
+    pub moves_merged_dirs: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,9 +127,21 @@ pub(crate) fn plan(f: &Facts) -> Plan {
         match (f.src.is_dir, dst.is_dir) {
             (true, false) => return Plan::Refuse(Errno::ENOTDIR),
             (false, true) => return Plan::Refuse(Errno::EISDIR),
-            (true, true) if !dst.empty => return Plan::Refuse(Errno::ENOTEMPTY),
             _ => {}
         }
+    }
+    // The kernel's order: the VFS checks above, then overlayfs' EXDEV for
+    // directories it may not move, then whether the target is empty.
+    let immovable = |side: Side| side.is_dir && side.merged && !f.moves_merged_dirs;
+    if immovable(f.src) || (exchange && f.dst.is_some_and(immovable)) {
+        return Plan::Refuse(Errno::EXDEV);
+    }
+    if let Some(dst) = f.dst
+        && !exchange
+        && f.src.is_dir
+        && !dst.empty
+    {
+        return Plan::Refuse(Errno::ENOTEMPTY);
     }
     let moves_into_merged =
         |side: Side, parent_merged: bool| side.is_dir && !side.merged && parent_merged;
@@ -214,6 +229,7 @@ impl Overlay {
             dst_parent_merged: self.is_merged_stack(&*dst_parent.dir_stack()?),
             src_name_in_lower: self.lower_entry(&*src_parent.dir_stack()?, name)?.is_some(),
             upper_target: self.upper_target(&dst_parent, new_name)?,
+            moves_merged_dirs: self.format.moves_merged_dirs(),
         };
         let steps = match plan(&facts) {
             Plan::Nothing => return Ok(()),
@@ -498,14 +514,9 @@ impl Overlay {
 
     fn set_redirect(&self, node: &Arc<Node>, redirect: &OsStr) -> Result<()> {
         let stack = node.dir_stack()?;
-        let name = if self.chardev_whiteouts() {
-            marker::TRUSTED_REDIRECT
-        } else {
-            marker::USER_REDIRECT
-        };
         sys::set_xattr(
             XattrTarget::Fd(stack.top().fd()?.as_fd()),
-            name,
+            self.format.redirect_xattr(),
             redirect.as_bytes(),
             0,
         )
@@ -553,6 +564,7 @@ mod tests {
             dst_parent_merged: false,
             src_name_in_lower: false,
             upper_target: UpperTarget::Nothing,
+            moves_merged_dirs: true,
         }
     }
 
@@ -592,6 +604,33 @@ mod tests {
         assert_eq!(plan(&f), Plan::Nothing);
         f.mode = RenameMode::Exchange;
         assert!(matches!(plan(&f), Plan::Steps(_)), "exchange of links runs");
+    }
+
+    #[test]
+    fn without_redirects_merged_directories_answer_exdev_before_enotempty() {
+        let full = Side {
+            empty: false,
+            ..MERGED_DIR
+        };
+        let mut f = facts(MERGED_DIR, Some(full));
+        f.moves_merged_dirs = false;
+        assert_eq!(plan(&f), Plan::Refuse(Errno::EXDEV));
+        let mut f = facts(MERGED_DIR, None);
+        f.moves_merged_dirs = false;
+        assert_eq!(plan(&f), Plan::Refuse(Errno::EXDEV));
+        // An exchange moves the target too.
+        let mut f = facts(UPPER_DIR, Some(MERGED_DIR));
+        f.mode = RenameMode::Exchange;
+        f.moves_merged_dirs = false;
+        assert_eq!(plan(&f), Plan::Refuse(Errno::EXDEV));
+        // Upper-only directories and files still move; a merged directory
+        // may still be replaced.
+        let mut f = facts(UPPER_DIR, Some(MERGED_DIR));
+        f.moves_merged_dirs = false;
+        assert!(matches!(plan(&f), Plan::Steps(_)));
+        let mut f = facts(FILE, None);
+        f.moves_merged_dirs = false;
+        assert!(matches!(plan(&f), Plan::Steps(_)));
     }
 
     #[test]

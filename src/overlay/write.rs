@@ -18,9 +18,9 @@ use super::acl;
 use super::attr::Attr;
 use super::copyup::{CopyData, TempEntry, upper_whiteout_at};
 use super::error::{Error, Result, SysContext};
+use super::format::WhiteoutForm;
 use super::handles::OpenFile;
 use super::layer::open_beneath;
-use super::marker;
 use super::node::{DirLayer, DirStack, Node};
 use super::resolve::{self, Probe};
 use crate::sys::{self, XattrTarget};
@@ -117,11 +117,18 @@ impl Overlay {
             file
         } else {
             let file = self.make_object(upper.fd()?.as_fd(), name, &object, owner, &parent_attr)?;
-            if matches!(object, NewObject::Dir { .. }) && self.is_merged_stack(&stack) {
+            if matches!(object, NewObject::Dir { .. })
+                && self.format.moves_merged_dirs()
+                && self.is_merged_stack(&stack)
+            {
                 // As kernel overlayfs with redirect_dir: a directory made in a
                 // merged one is opaque, so wherever it moves later it never
-                // merges with a lower directory of the same name.
-                self.mark_opaque(XattrTarget::Entry(upper.fd()?.as_fd(), name))?;
+                // merges with a lower directory of the same name. Only
+                // that: the kernel goes on where the mark fails, and so do we.
+                // Without redirects (userxattr) the kernel leaves it unmarked.
+                if let Err(e) = self.mark_opaque(XattrTarget::Entry(upper.fd()?.as_fd(), name)) {
+                    tracing::debug!("new directory left without an opaque mark: {e}");
+                }
             }
             file
         };
@@ -337,49 +344,32 @@ impl Overlay {
     }
 
     pub(super) fn chardev_whiteouts(&self) -> bool {
-        !self
-            .xattr_whiteouts
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.format.whiteouts == WhiteoutForm::CharDevice
     }
 
-    /// Writes a whiteout at `dir/name`: a 0/0 character device, or where
-    /// the daemon may not mknod (no CAP_MKNOD), the xattr form that kernel
-    /// overlayfs reads with `userxattr`.
+    /// Writes a whiteout at `dir/name` in the upper's format: a 0/0
+    /// character device, or where the daemon may not mknod one, the xattr
+    /// form kernel overlayfs reads since 6.7.
     pub fn make_whiteout(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
         if self.chardev_whiteouts() {
-            match mknodat(dir, name, SFlag::S_IFCHR, Mode::empty(), 0) {
-                Ok(()) => return Ok(()),
-                Err(Errno::EPERM) => {
-                    tracing::warn!(
-                        "cannot mknod whiteouts here; writing xattr whiteouts (userxattr format)"
-                    );
-                    self.xattr_whiteouts
-                        .store(true, std::sync::atomic::Ordering::Relaxed);
-                }
-                Err(e) => return Err(e).sys("mknodat(whiteout)"),
-            }
+            return mknodat(dir, name, SFlag::S_IFCHR, Mode::empty(), 0).sys("mknodat(whiteout)");
         }
         let fd = open_beneath(dir, name, OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY)
             .sys("create(whiteout)")?;
         drop(fd);
         sys::set_xattr(
             XattrTarget::Entry(dir, name),
-            marker::USER_WHITEOUT,
+            self.format.whiteout_xattr(),
             b"y",
             0,
         )
         .sys("setxattr(whiteout)")?;
-        sys::set_xattr(XattrTarget::Fd(dir), marker::USER_OPAQUE, b"x", 0)
+        sys::set_xattr(XattrTarget::Fd(dir), self.format.opaque_xattr(), b"x", 0)
             .sys("setxattr(xwhiteouts)")
     }
 
     pub(super) fn mark_opaque(&self, target: XattrTarget<'_>) -> Result<()> {
-        let name = if self.chardev_whiteouts() {
-            marker::TRUSTED_OPAQUE
-        } else {
-            marker::USER_OPAQUE
-        };
-        sys::set_xattr(target, name, b"y", 0).sys("setxattr(opaque)")
+        sys::set_xattr(target, self.format.opaque_xattr(), b"y", 0).sys("setxattr(opaque)")
     }
 
     pub(super) fn forget_dentry(&self, parent: u64, name: &OsStr) {

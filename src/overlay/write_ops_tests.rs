@@ -74,6 +74,7 @@ impl Layers {
             upper: Some(self.upper.clone()),
             work: Some(self.work.clone()),
             volatile: false,
+            userxattr: false,
         })
         .unwrap()
     }

@@ -105,6 +105,17 @@ impl Scratch {
         }
     }
 
+    /// A scratch directory inside `parent` (a process that cannot write
+    /// the build tree's tmp dir gets one from its caller).
+    pub fn inside(parent: &Path) -> Scratch {
+        Scratch {
+            dir: tempfile::Builder::new()
+                .prefix("unionfs-test-")
+                .tempdir_in(parent)
+                .unwrap(),
+        }
+    }
+
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }
@@ -745,4 +756,23 @@ pub fn helper_main() {
         }
     };
     std::process::exit(code);
+}
+
+/// The uid (and gid) of user `tests`, which rootless tests run as, with
+/// the subordinate id ranges rootless podman and `unshare --map-auto` use
+/// (scripts/test.sh creates the user and the ranges).
+pub fn rootless_user() -> u32 {
+    let id = run(Command::new("id").args(["-u", "tests"]));
+    assert!(
+        id.status.success(),
+        "user 'tests' is missing (scripts/test.sh creates it)"
+    );
+    for file in ["/etc/subuid", "/etc/subgid"] {
+        let ranges = fs::read_to_string(file).unwrap_or_default();
+        assert!(
+            ranges.lines().any(|l| l.starts_with("tests:")),
+            "{file} gives user 'tests' no range (scripts/test.sh adds one)"
+        );
+    }
+    String::from_utf8_lossy(&id.stdout).trim().parse().unwrap()
 }

@@ -21,8 +21,6 @@ use super::{run, run_with_timeout, sh};
 /// The user CI creates (scripts/test.sh) and its subordinate ranges.
 pub const USER: &str = "tests";
 const SUBID_RANGE: &str = "100000-165535";
-/// Size of the subordinate range podman needs for images of any owner.
-const SUBID_COUNT: u64 = 65536;
 /// One podman or buildah command: builds run several containers.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -44,22 +42,10 @@ fn installed(program: &str) -> bool {
         .success()
 }
 
-/// Whether `file` (/etc/subuid or /etc/subgid) gives `user` (by name or
-/// uid) a range of at least SUBID_COUNT ids.
-fn has_subordinate_range(file: &str, user: &str, uid: u32) -> bool {
-    std::fs::read_to_string(file)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split(':');
-            Some((f.next()?, f.next()?, f.next()?.trim().parse::<u64>().ok()?))
-        })
-        .any(|(who, _, count)| (who == user || who == uid.to_string()) && count >= SUBID_COUNT)
-}
-
 /// The user's uid and gid, after making sure of its subordinate ranges
-/// (`usermod --add-subuids/--add-subgids` when missing) and of the
-/// programs rootless podman needs. Panics with what is missing.
+/// (`usermod --add-subuids/--add-subgids` when missing: a machine set up
+/// by hand may lack them) and of the programs rootless podman needs.
+/// Panics with what is missing.
 fn prepare_user() -> (u32, u32) {
     let missing: Vec<_> = PROGRAMS.into_iter().filter(|p| !installed(p)).collect();
     assert!(
@@ -67,25 +53,23 @@ fn prepare_user() -> (u32, u32) {
         "rootless podman tests need {missing:?} (scripts/test.sh installs podman, buildah, \
          uidmap, catatonit, runc, util-linux, passwd)"
     );
-    let user = nix::unistd::User::from_name(USER)
-        .expect("getpwnam")
-        .unwrap_or_else(|| panic!("user {USER:?} does not exist (scripts/test.sh creates it)"));
-    let (uid, gid) = (user.uid.as_raw(), user.gid.as_raw());
     // Two tests may get here at once: one usermod at a time.
     static USERMOD: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = USERMOD.lock().unwrap_or_else(|e| e.into_inner());
-    if !has_subordinate_range("/etc/subuid", USER, uid)
-        || !has_subordinate_range("/etc/subgid", USER, uid)
-    {
-        sh(Command::new("usermod").args([
-            "--add-subuids",
-            SUBID_RANGE,
-            "--add-subgids",
-            SUBID_RANGE,
-            USER,
-        ]));
+    for (file, flag) in [
+        ("/etc/subuid", "--add-subuids"),
+        ("/etc/subgid", "--add-subgids"),
+    ] {
+        let ranges = std::fs::read_to_string(file).unwrap_or_default();
+        if !ranges.lines().any(|l| l.starts_with(&format!("{USER}:"))) {
+            sh(Command::new("usermod").args([flag, SUBID_RANGE, USER]));
+        }
     }
-    (uid, gid)
+    let uid = super::rootless_user();
+    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .expect("getpwuid")
+        .expect("user tests");
+    (uid, user.gid.as_raw())
 }
 
 /// A private mount and pid namespace with a usable /dev/fuse, and a
