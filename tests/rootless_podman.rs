@@ -28,7 +28,9 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use common::podman::{LISTING, install_busybox, tar_rootfs, without_container_files};
+use common::podman::{
+    LISTING, RUN_LIMITS, install_busybox, tar_rootfs, tar_xattrs, without_container_files,
+};
 use common::rootless::{Session, Store};
 use common::*;
 
@@ -50,15 +52,6 @@ const STEPS: [&str; 4] = [
 const CHANGES: &str = "echo x > /data/y && rm /data/a && rm -r /data/moved \
     && mv /data/sub_renamed /data/again && rm -rf /usr/sbin && mkdir /usr/sbin && touch /usr/sbin/z \
     && chmod 700 /data/keep && chown 7:8 /data/hard";
-
-const LIMITS: [&str; 6] = [
-    "--network",
-    "none",
-    "--ulimit",
-    "nofile=1024:1024",
-    "--ulimit",
-    "nproc=1024:1024",
-];
 
 /// Writes `rootfs.tar` (owners other than root, fixed times) and the
 /// Containerfile into the session's work directory.
@@ -127,22 +120,12 @@ fn tar_entries(tar: &Path) -> Vec<Entry> {
     let mut out = Vec::new();
     for entry in archive.entries().unwrap() {
         let mut entry = entry.unwrap();
-        let mut xattrs = BTreeMap::new();
-        if let Some(pax) = entry.pax_extensions().unwrap() {
-            for ext in pax {
-                let ext = ext.unwrap();
-                // The native driver of podman 4.3 (containers/storage
-                // 1.44) copies the kernel's private xattrs of a rootless
-                // upper (user.overlay.origin, .impure) into its layer
-                // tars; they mean nothing in a layer.
-                match ext.key().unwrap().strip_prefix("SCHILY.xattr.") {
-                    Some(name) if !name.starts_with("user.overlay.") => {
-                        xattrs.insert(name.to_string(), ext.value_bytes().to_vec());
-                    }
-                    _ => {}
-                }
-            }
-        }
+        let mut xattrs = tar_xattrs(&mut entry);
+        // The native driver of podman 4.3 (containers/storage 1.44) copies
+        // the kernel's private xattrs of a rootless upper
+        // (user.overlay.origin, .impure) into its layer tars; they mean
+        // nothing in a layer.
+        xattrs.retain(|name, _| !name.starts_with("user.overlay."));
         let h = entry.header().clone();
         let path = clean(&entry.path().unwrap().to_string_lossy());
         let link = entry
@@ -385,13 +368,13 @@ fn observe(store: &Store, image: &str, tag: &str) -> Observed {
         .collect();
 
     let mut run = vec!["run", "--rm"];
-    run.extend(LIMITS);
+    run.extend(RUN_LIMITS);
     run.extend([image, "sh", "-c", LISTING]);
     let run_listing = without_container_files(&store.podman(&run));
 
     let image_diff = as_naive_diff(&lines(&store.podman(&["diff", image])), &parent, &tree);
     let mut changed = vec!["run", "--name", "changed"];
-    changed.extend(LIMITS);
+    changed.extend(RUN_LIMITS);
     changed.extend([image, "sh", "-c", CHANGES]);
     store.podman(&changed);
     let container_diff = lines(&store.podman(&["diff", "changed"]));
@@ -486,7 +469,7 @@ fn compare(
 fn assert_plausible(o: &Observed, built_layers: usize) {
     assert_eq!(o.layers.len(), 1 + built_layers, "layers: {:?}", o.diff_ids);
     let all: Vec<&String> = o.layers[1..].iter().flatten().collect();
-    for (start, has) in [
+    let mut expected = vec![
         ("+usr/sbin/tool file 4 ", " 750 0:0 "),
         ("-usr/sbin/other", ""),
         ("-usr/sbin/nested/x", ""),
@@ -501,24 +484,20 @@ fn assert_plausible(o: &Observed, built_layers: usize) {
         ("+data/keep/link symlink -> ../a ", ""),
         ("+data/fifo Fifo ", ""),
         ("+data/moved/dir/f file 2 ", ""),
-    ] {
+    ];
+    if built_layers > 1 {
+        // Step 3's own changes, which step 4 undoes in a single layer.
+        expected.extend([
+            ("+data/keep/k file 2 ", " 1000:1000 "),
+            ("+data/keep/k2 file 3 ", " 4755 0:0 "),
+            ("link data/k_link data/keep/k", ""),
+        ]);
+    }
+    for (start, has) in expected {
         assert!(
             all.iter().any(|l| l.starts_with(start) && l.contains(has)),
             "no layer change {start:?} with {has:?} in {all:#?}"
         );
-    }
-    if built_layers > 1 {
-        // Step 3's own changes, which step 4 undoes in a single layer.
-        for (start, has) in [
-            ("+data/keep/k file 2 ", " 1000:1000 "),
-            ("+data/keep/k2 file 3 ", " 4755 0:0 "),
-            ("link data/k_link data/keep/k", ""),
-        ] {
-            assert!(
-                all.iter().any(|l| l.starts_with(start) && l.contains(has)),
-                "no layer change {start:?} with {has:?} in {all:#?}"
-            );
-        }
     }
     for expected in [
         "A /data/y",
@@ -555,7 +534,7 @@ fn podman_build(session: &Session, which: &str, tag: &str) -> Observed {
     let store = session.store(tag, mount_program(session, which));
     store.podman(&["import", "rootfs.tar", "base"]);
     let mut build = vec!["build", "--timestamp", "0"];
-    build.extend(LIMITS);
+    build.extend(RUN_LIMITS);
     build.extend(["-t", "result", "-f", "Containerfile", "."]);
     store.podman(&build);
     observe(&store, "result", tag)
@@ -595,32 +574,31 @@ fn assert_same(a_name: &str, a: &Observed, b_name: &str, b: &Observed, image_dif
     );
 }
 
-#[test]
-fn rootless_podman_build_on_unionfs_matches_the_native_driver() {
+type Scenario = fn(&Session, &str, &str) -> Observed;
+
+/// Runs `scenario` on the native driver, then with unionfs, in one
+/// session, and asserts they agree.
+fn native_then_unionfs(scenario: Scenario, built_layers: usize, image_diff: ImageDiff) {
     let start = Instant::now();
     let session = Session::new();
     prepare_context(&session);
-    let native = podman_build(&session, "native", "native");
-    assert_plausible(&native, STEPS.len());
-    let ours = podman_build(&session, "unionfs", "unionfs");
-    assert_plausible(&ours, STEPS.len());
-    assert_same("native", &native, "unionfs", &ours, ImageDiff::Without);
+    let native = scenario(&session, "native", "native");
+    assert_plausible(&native, built_layers);
+    let ours = scenario(&session, "unionfs", "unionfs");
+    assert_plausible(&ours, built_layers);
+    assert_same("native", &native, "unionfs", &ours, image_diff);
     session.close();
-    eprintln!("rootless podman: {:?}", start.elapsed());
+    eprintln!("native, then unionfs: {:?}", start.elapsed());
+}
+
+#[test]
+fn rootless_podman_build_on_unionfs_matches_the_native_driver() {
+    native_then_unionfs(podman_build, STEPS.len(), ImageDiff::Without);
 }
 
 #[test]
 fn rootless_buildah_commit_on_unionfs_matches_the_native_driver() {
-    let start = Instant::now();
-    let session = Session::new();
-    prepare_context(&session);
-    let native = buildah_commit(&session, "native", "native");
-    assert_plausible(&native, 1);
-    let ours = buildah_commit(&session, "unionfs", "unionfs");
-    assert_plausible(&ours, 1);
-    assert_same("native", &native, "unionfs", &ours, ImageDiff::Without);
-    session.close();
-    eprintln!("rootless buildah: {:?}", start.elapsed());
+    native_then_unionfs(buildah_commit, 1, ImageDiff::Without);
 }
 
 /// `podman diff` of an image compares its top layer, mounted as the
@@ -634,12 +612,7 @@ fn rootless_buildah_commit_on_unionfs_matches_the_native_driver() {
 #[test]
 #[ignore = "unionfs shows OCI whiteouts in the upper layer as files (podman diff IMAGE lists A /dir/.wh.NAME)"]
 fn rootless_podman_diff_of_an_image_matches_the_native_driver() {
-    let session = Session::new();
-    prepare_context(&session);
-    let native = podman_build(&session, "native", "native");
-    let ours = podman_build(&session, "unionfs", "unionfs");
-    assert_same("native", &native, "unionfs", &ours, ImageDiff::With);
-    session.close();
+    native_then_unionfs(podman_build, STEPS.len(), ImageDiff::With);
 }
 
 /// The same scenarios with fuse-overlayfs (1.10 on Debian 12) as the mount
