@@ -259,7 +259,7 @@ impl Overlay {
             // way in one step, then clear it in the work dir.
             let tmp = TempEntry::new(work);
             if needs_whiteout {
-                self.make_whiteout(tmp.fd(), &tmp.name)?;
+                self.make_whiteout(tmp.fd(), &tmp.name, upper)?;
                 tmp.swap_with(upper, name).map_err(ctx)?;
             } else if !remove_empty_dir(upper, name).map_err(ctx)? {
                 // It holds whiteouts. (An empty one is removed in place: a
@@ -278,7 +278,7 @@ impl Overlay {
         } else if child_in_upper {
             if needs_whiteout {
                 let mut tmp = TempEntry::new(work);
-                self.make_whiteout(tmp.fd(), &tmp.name)?;
+                self.make_whiteout(tmp.fd(), &tmp.name, upper)?;
                 renameat2(
                     tmp.fd(),
                     tmp.name.as_os_str(),
@@ -295,7 +295,8 @@ impl Overlay {
                     .map_err(ctx)?;
             }
         } else {
-            self.make_whiteout(upper.fd()?.as_fd(), name).map_err(ctx)?;
+            self.make_whiteout(upper.fd()?.as_fd(), name, upper)
+                .map_err(ctx)?;
         }
         if child.remove_name(parent, name) {
             // Other names of the file see its link count drop.
@@ -347,12 +348,31 @@ impl Overlay {
         self.format.whiteouts == WhiteoutForm::CharDevice
     }
 
-    /// Writes a whiteout at `dir/name` in the upper's format: a 0/0
-    /// character device, or where the daemon may not mknod one, the xattr
-    /// form kernel overlayfs reads since 6.7.
-    pub fn make_whiteout(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+    /// Writes a whiteout at `dir/name` in the upper's format, for the upper
+    /// directory `lands_in` (`dir` itself, or the work dir it is built in):
+    /// a 0/0 character device, or where the daemon may not mknod one, the
+    /// xattr form kernel overlayfs reads since 6.7, which only counts in a
+    /// directory marked as holding such whiteouts.
+    pub fn make_whiteout(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        lands_in: &DirLayer,
+    ) -> Result<()> {
         if self.chardev_whiteouts() {
             return mknodat(dir, name, SFlag::S_IFCHR, Mode::empty(), 0).sys("mknodat(whiteout)");
+        }
+        if !lands_in.holds_xwhiteouts() {
+            // Marked first: an unmarked directory would show the whiteout
+            // as an empty file.
+            sys::set_xattr(
+                XattrTarget::Fd(lands_in.fd()?.as_fd()),
+                self.format.opaque_xattr(),
+                b"x",
+                0,
+            )
+            .sys("setxattr(xwhiteouts)")?;
+            lands_in.note_xwhiteouts();
         }
         let fd = open_beneath(dir, name, OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY)
             .sys("create(whiteout)")?;
@@ -363,9 +383,7 @@ impl Overlay {
             b"y",
             0,
         )
-        .sys("setxattr(whiteout)")?;
-        sys::set_xattr(XattrTarget::Fd(dir), self.format.opaque_xattr(), b"x", 0)
-            .sys("setxattr(xwhiteouts)")
+        .sys("setxattr(whiteout)")
     }
 
     pub(super) fn mark_opaque(&self, target: XattrTarget<'_>) -> Result<()> {

@@ -69,12 +69,17 @@ impl Layers {
     /// The core on these layers. The work dir is locked while it lives:
     /// drop it before making another.
     fn overlay(&self) -> Overlay {
+        self.overlay_with(false)
+    }
+
+    /// The core writing the upper in the `userxattr` format.
+    fn overlay_with(&self, userxattr: bool) -> Overlay {
         Overlay::new(&OverlayConfig {
             lowers: vec![self.lower.clone()],
             upper: Some(self.upper.clone()),
             work: Some(self.work.clone()),
             volatile: false,
-            userxattr: false,
+            userxattr,
         })
         .unwrap()
     }
@@ -760,4 +765,83 @@ fn removexattr_of_a_missing_xattr_fails_with_enodata_and_copies_nothing() {
 
     assert!(on_disk(&l.upper).is_empty(), "something was copied up");
     assert!(l.work_entries().is_empty());
+}
+
+#[test]
+fn the_userxattr_format_marks_with_user_xattrs_and_keeps_merged_dirs_in_place() {
+    let l = Layers::new();
+    write(&l.lower("d/x"), b"");
+    write(&l.lower("m/y"), b"");
+    let lower = tree(&l.lower);
+    let ov = l.overlay_with(true);
+
+    // Deleted and made again: opaque, in the user namespace only.
+    remove(&ov, "d", "x", false).unwrap();
+    remove(&ov, "", "d", true).unwrap();
+    create(&ov, "", "d", new_dir());
+    assert_eq!(
+        xattr(&l.upper("d"), "user.overlay.opaque").as_deref(),
+        Some(&b"y"[..])
+    );
+    assert_eq!(opaque(&l.upper("d")), None);
+    assert!(listing(&ov, "d").is_empty());
+    // Made in a merged directory: no mark, as the kernel without redirects.
+    create(&ov, "m", "new", new_dir());
+    assert_eq!(xattr(&l.upper("m/new"), "user.overlay.opaque"), None);
+
+    // A directory lower layers contribute to does not move; one only in
+    // the upper does, and a file does.
+    let err = rename(&ov, ("", "m"), ("", "m2"), RenameMode::Replace).unwrap_err();
+    assert_eq!(err.errno(), Errno::EXDEV);
+    rename(&ov, ("", "d"), ("", "d2"), RenameMode::Replace).unwrap();
+    rename(&ov, ("m", "y"), ("", "y2"), RenameMode::Replace).unwrap();
+    assert_eq!(listing(&ov, "m"), ["new"]);
+    assert!(is_dir(&l.upper("d2")));
+    assert_eq!(redirect(&l.upper("d2")), None);
+    assert_eq!(xattr(&l.upper("d2"), "user.overlay.redirect"), None);
+    assert_eq!(tree(&l.lower), lower, "lower changed");
+    assert!(l.work_entries().is_empty());
+}
+
+#[test]
+fn xattr_whiteouts_where_whiteout_devices_are_refused() {
+    let l = Layers::new();
+    write(&l.lower("d/gone"), b"");
+    write(&l.lower("d/kept"), b"");
+    write(&l.lower("e/x"), b"");
+    for userxattr in [false, true] {
+        let _ = fs::remove_dir_all(&l.upper);
+        mkdir(&l.upper);
+        let mut ov = l.overlay_with(userxattr);
+        // As where mknod of a whiteout fails (the probe found it so).
+        ov.format.whiteouts = super::format::WhiteoutForm::Xattr;
+        let ns = if userxattr { "user" } else { "trusted" };
+
+        remove(&ov, "d", "gone", false).unwrap();
+
+        let whiteout = l.upper("d/gone");
+        assert!(fs::symlink_metadata(&whiteout).unwrap().is_file());
+        assert_eq!(fs::metadata(&whiteout).unwrap().len(), 0);
+        assert!(xattr(&whiteout, &format!("{ns}.overlay.whiteout")).is_some());
+        assert_eq!(
+            xattr(&l.upper("d"), &format!("{ns}.overlay.opaque")).as_deref(),
+            Some(&b"x"[..]),
+            "its directory holds xattr whiteouts"
+        );
+        assert_eq!(lookup_errno(&ov, "d/gone"), Errno::ENOENT);
+        assert_eq!(listing(&ov, "d"), ["kept"]);
+        // Built in the work dir and swapped in: a whiteout for an upper
+        // directory that held one itself.
+        remove(&ov, "e", "x", false).unwrap();
+        remove(&ov, "", "e", true).unwrap();
+        assert_eq!(lookup_errno(&ov, "e"), Errno::ENOENT);
+        assert_eq!(listing(&ov, ""), ["d"]);
+        drop(ov);
+        // A fresh mount reads them too, and the directory still merges.
+        let ov = l.overlay_with(userxattr);
+        assert_eq!(lookup_errno(&ov, "d/gone"), Errno::ENOENT);
+        assert_eq!(listing(&ov, "d"), ["kept"]);
+        assert_eq!(listing(&ov, ""), ["d"]);
+        assert!(l.work_entries().is_empty());
+    }
 }
