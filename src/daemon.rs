@@ -19,6 +19,7 @@ use tracing_subscriber::EnvFilter;
 use crate::cli::UmountArgs;
 use crate::config::{ValidMount, mounted_by_unionfs};
 use crate::fuse::{AdapterOptions, AsyncNotifier, UnionFs};
+use crate::overlay::idmap::{self, IdShift};
 use crate::overlay::{Overlay, OverlayConfig};
 use crate::sys::{self, Forked};
 
@@ -306,6 +307,14 @@ fn serve(mount: &ValidMount, ready: &mut ReadyPipe) -> Result<(), String> {
         upper: mount.upper.clone(),
         work: mount.work.clone(),
         volatile: mount.options.volatile,
+        ids: IdShift::new(
+            mount.options.uid_map.clone(),
+            mount.options.gid_map.clone(),
+            mount.options.squash(),
+            idmap::system_overflow_ids(),
+        ),
+        static_nlink: mount.options.static_nlink,
+        no_acl: mount.options.noacl,
     })
     .map_err(|e| {
         if e.op() == crate::overlay::workdir::IN_USE {
@@ -325,6 +334,7 @@ fn serve(mount: &ValidMount, ready: &mut ReadyPipe) -> Result<(), String> {
         AdapterOptions {
             passthrough: mount.options.passthrough,
             lower_passthrough: mount.options.lower_passthrough,
+            posix_acl: !mount.options.noacl,
         },
     );
     let session = start_session(fs, mount)?;

@@ -331,6 +331,7 @@ mod tests {
             upper: Some(layers.join("u")),
             work: Some(layers.join("work")),
             volatile: false,
+            ..Default::default()
         })
         .unwrap()
     }
