@@ -19,6 +19,7 @@ use tracing_subscriber::EnvFilter;
 use crate::cli::UmountArgs;
 use crate::config::{ValidMount, mounted_by_unionfs};
 use crate::fuse::{AdapterOptions, AsyncNotifier, UnionFs};
+use crate::overlay::idmap::{self, IdShift};
 use crate::overlay::{Overlay, OverlayConfig};
 use crate::sys::{self, Forked};
 
@@ -307,6 +308,14 @@ fn serve(mount: &ValidMount, ready: &mut ReadyPipe) -> Result<(), String> {
         work: mount.work.clone(),
         volatile: mount.options.volatile,
         userxattr: mount.options.userxattr,
+        ids: IdShift::new(
+            mount.options.uid_map.clone(),
+            mount.options.gid_map.clone(),
+            mount.options.squash(),
+            idmap::system_overflow_ids(),
+        ),
+        static_nlink: mount.options.static_nlink,
+        no_acl: mount.options.noacl,
     })
     .map_err(|e| {
         if e.op() == crate::overlay::workdir::IN_USE {
@@ -326,6 +335,7 @@ fn serve(mount: &ValidMount, ready: &mut ReadyPipe) -> Result<(), String> {
         AdapterOptions {
             passthrough: mount.options.passthrough,
             lower_passthrough: mount.options.lower_passthrough,
+            posix_acl: !mount.options.noacl,
         },
     );
     let session = start_session(fs, mount)?;

@@ -331,7 +331,7 @@ mod tests {
             upper: Some(layers.join("u")),
             work: Some(layers.join("work")),
             volatile: false,
-            userxattr: false,
+            ..Default::default()
         })
         .unwrap()
     }

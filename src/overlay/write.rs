@@ -25,7 +25,8 @@ use super::node::{DirLayer, DirStack, Node};
 use super::resolve::{self, Probe};
 use crate::sys::{self, XattrTarget};
 
-/// Who asks: new objects belong to them.
+/// Who asks: new objects belong to them. The ids are the kernel's, as the
+/// merged view shows owners; `Overlay::stored_caller` gives the ids to store.
 #[derive(Debug, Clone, Copy)]
 pub struct Caller {
     pub uid: u32,
@@ -84,10 +85,13 @@ impl Overlay {
         object: NewObject<'_>,
         caller: Caller,
     ) -> Result<Created> {
+        // Refused before anything changes: an owner the mapping cannot store.
+        let stored_caller = self.stored_caller(caller)?;
         let parent_node = self.node(parent)?;
         let stack = self.upper_dir(&parent_node)?;
         let upper = stack.top();
-        let (object, default_acl) = acl::prepare(object, caller.umask, upper.fd()?.as_fd())?;
+        let (object, default_acl) =
+            acl::prepare(object, caller.umask, upper.fd()?.as_fd(), self.acls())?;
         if let NewObject::Special { mode, rdev: 0 } = object
             && mode & libc::S_IFMT == libc::S_IFCHR
         {
@@ -99,8 +103,8 @@ impl Overlay {
         }
         let over_whiteout = upper_whiteout_at(upper, name)?;
         let work = self.work()?;
-        let parent_attr = self.getattr(parent)?;
-        let owner = owner_for(caller, &parent_attr);
+        let parent_attr = self.node_attr(&parent_node)?;
+        let owner = owner_for(stored_caller, &parent_attr);
 
         let file = if over_whiteout {
             // Build it in the work dir, then swap it with the whiteout; the
@@ -214,14 +218,18 @@ impl Overlay {
             }
         }
         if owner != owner_as_created(parent_attr) {
-            fchownat(
+            let chowned = fchownat(
                 dir,
                 name,
                 Some(Uid::from_raw(owner.0)),
                 Some(Gid::from_raw(owner.1)),
                 AtFlags::AT_SYMLINK_NOFOLLOW,
-            )
-            .sys("fchownat")?;
+            );
+            if let Err(e) = chowned
+                && !self.chown_error_ignored(e)
+            {
+                return Err(e).sys("fchownat");
+            }
             // chown clears set-id bits; put the requested mode back.
             if let Some(m) = mode
                 && m & (libc::S_ISUID | libc::S_ISGID) != 0
@@ -388,6 +396,13 @@ impl Overlay {
 
     pub(super) fn mark_opaque(&self, target: XattrTarget<'_>) -> Result<()> {
         sys::set_xattr(target, self.format.opaque_xattr(), b"y", 0).sys("setxattr(opaque)")
+    }
+
+    /// With squashing, every object shows the squash owner whatever is
+    /// stored, so a chown the daemon may not do (an unprivileged mount, an
+    /// id outside its namespace) is left out, as fuse-overlayfs does.
+    pub(super) fn chown_error_ignored(&self, e: Errno) -> bool {
+        self.ids().squashes() && matches!(e, Errno::EPERM | Errno::EINVAL)
     }
 
     pub(super) fn forget_dentry(&self, parent: u64, name: &OsStr) {
