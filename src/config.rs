@@ -58,12 +58,31 @@ pub struct MountOptions {
     pub static_nlink: bool,
     /// No POSIX ACLs in the mount (`noacl`).
     pub noacl: bool,
+    /// Who besides the mounting user may use the mount.
+    pub access: Access,
 }
 
 impl MountOptions {
     pub fn squash(&self) -> Squash {
         Squash::new(self.squash_to_root, self.squash_to_uid, self.squash_to_gid)
     }
+}
+
+/// Who may use a mount besides the user who mounted it. The kernel lets
+/// only that user in unless the mount has `allow_other`; fusermount3 gives
+/// a plain user `allow_other` only when /etc/fuse.conf has
+/// `user_allow_other`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Access {
+    /// Everyone where the mount may say so without asking: root's mounts
+    /// and mounts inside a user namespace, and a plain user's when
+    /// /etc/fuse.conf has `user_allow_other`; the owner alone otherwise.
+    #[default]
+    Default,
+    /// `allow_other`: everyone (permissions checked by the kernel).
+    AllowOther,
+    /// `allow_root`: the owner and root.
+    AllowRoot,
 }
 
 impl Default for MountOptions {
@@ -85,6 +104,7 @@ impl Default for MountOptions {
             squash_to_gid: None,
             static_nlink: false,
             noacl: false,
+            access: Access::Default,
         }
     }
 }
@@ -112,8 +132,6 @@ const ACCEPTED_NOOPS: &[&str] = &[
     "nouser",
     "users",
     "defaults",
-    "allow_other",
-    "allow_root",
     "default_permissions",
     "nofail",
     "_netdev",
@@ -164,6 +182,8 @@ const FLAGS: &[&str] = &[
     "squash_to_root",
     "static_nlink",
     "noacl",
+    "allow_other",
+    "allow_root",
 ];
 
 /// A worker thread count, from `--threads` or `-o threads=`.
@@ -233,6 +253,21 @@ pub fn apply_options(req: &mut MountRequest, arg: &str) -> Result<(), ConfigErro
             ("nosuid", None) => req.options.nosuid = true,
             ("noexec", None) => req.options.noexec = true,
             ("debug", None) => req.debug = true,
+            ("allow_other" | "allow_root", None) => {
+                let access = if key == "allow_other" {
+                    Access::AllowOther
+                } else {
+                    Access::AllowRoot
+                };
+                if req.options.access != Access::Default && req.options.access != access {
+                    return refuse(
+                        "allow_other and allow_root cannot be used together \
+                         (allow_other lets root in too)"
+                            .into(),
+                    );
+                }
+                req.options.access = access;
+            }
             (k, _) if VALUED.contains(&k) => {
                 return refuse(format!("bad mount option '{opt}': {k} needs a value"));
             }
@@ -610,7 +645,8 @@ pub fn open_fuse_device() -> Result<OwnedFd, String> {
     .map_err(|e| {
         let hint = match e {
             Errno::EACCES | Errno::EPERM => {
-                " (mount as root, or give this user read and write access to /dev/fuse)"
+                " (this user may not read and write it: mount as root, or give users \
+                 read and write access to /dev/fuse, mode 0666 as distributions ship it)"
             }
             Errno::ENOENT | Errno::ENODEV | Errno::ENXIO => {
                 " (load the fuse module or pass --device /dev/fuse to the container)"
@@ -619,6 +655,36 @@ pub fn open_fuse_device() -> Result<OwnedFd, String> {
         };
         format!("cannot open /dev/fuse: {}{hint}", e.desc())
     })
+}
+
+/// Where fusermount3 reads whether plain users may ask for `allow_other`.
+pub const FUSE_CONF: &str = "/etc/fuse.conf";
+
+/// Whether /etc/fuse.conf lets plain users mount with `allow_other` (a
+/// line `user_allow_other`), read as fusermount3 reads it. A missing or
+/// unreadable file counts as no.
+pub fn user_allow_other() -> bool {
+    fs::read(FUSE_CONF).is_ok_and(|text| fuse_conf_allows_other(&text))
+}
+
+/// fusermount3's reading of fuse.conf (`read_conf`): anything from `#` on
+/// is a comment, white space around a line is dropped, and what is left
+/// must be `user_allow_other` exactly. Like fusermount3, a line counts only
+/// when it ends in a newline and fits its 256-byte buffer.
+pub fn fuse_conf_allows_other(text: &[u8]) -> bool {
+    // C's isspace(), which has \v where Rust's is_ascii_whitespace has not.
+    let space = |b: &u8| matches!(b, b' ' | b'\t' | b'\n' | b'\x0b' | b'\x0c' | b'\r');
+    text.split_inclusive(|b| *b == b'\n')
+        .filter(|line| line.ends_with(b"\n") && line.len() < 256 && !line.contains(&0))
+        .any(|line| {
+            let line = line.split(|b| *b == b'#').next().unwrap_or_default();
+            let start = line.iter().position(|b| !space(b)).unwrap_or(line.len());
+            let end = line
+                .iter()
+                .rposition(|b| !space(b))
+                .map_or(start, |i| i + 1);
+            &line[start..end] == b"user_allow_other"
+        })
 }
 
 /// Whether `mountpoint` (canonical) carries a unionfs mount now.
@@ -765,6 +831,51 @@ mod tests {
             vec![PathBuf::from("/a:b"), PathBuf::from("/c,d")]
         );
         assert!(req.options.read_only);
+    }
+
+    #[test]
+    fn allow_other_and_allow_root_are_options() {
+        let mut req = MountRequest::default();
+        assert_eq!(req.options.access, Access::Default);
+        apply_options(&mut req, "allow_other,allow_other").unwrap();
+        assert_eq!(req.options.access, Access::AllowOther);
+        let mut req = MountRequest::default();
+        apply_options(&mut req, "allow_root").unwrap();
+        assert_eq!(req.options.access, Access::AllowRoot);
+        let err = apply_options(&mut req, "allow_other").unwrap_err();
+        assert!(err.0.contains("cannot be used together"), "{err}");
+        assert!(apply_options(&mut MountRequest::default(), "allow_other=1").is_err());
+        assert!(req.warnings.is_empty(), "{:?}", req.warnings);
+    }
+
+    #[test]
+    fn fuse_conf_is_read_as_fusermount3_reads_it() {
+        for (text, expected) in [
+            ("user_allow_other\n", true),
+            (
+                "# comment\n  user_allow_other \t# why\nmount_max = 1000\n",
+                true,
+            ),
+            ("\x0buser_allow_other\r\n", true),
+            ("#user_allow_other\n", false),
+            ("# user_allow_other - lets users ...\n", false),
+            ("user_allow_other=1\n", false),
+            ("user_allow_others\n", false),
+            ("allow user_allow_other\n", false),
+            // fusermount3 only reads lines that end in a newline...
+            ("user_allow_other", false),
+            ("mount_max = 10\nuser_allow_other", false),
+            // ...and fit in its buffer.
+            (&format!("{}user_allow_other\n", " ".repeat(238)), true),
+            (&format!("{}user_allow_other\n", " ".repeat(239)), false),
+            ("", false),
+        ] {
+            assert_eq!(
+                fuse_conf_allows_other(text.as_bytes()),
+                expected,
+                "{text:?}"
+            );
+        }
     }
 
     #[test]
