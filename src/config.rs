@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 
+use crate::overlay::idmap::{IdMap, Squash, parse_squash_id};
+
 /// A mount as asked for on the command line, paths as given.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MountRequest {
@@ -44,6 +46,43 @@ pub struct MountOptions {
     /// The upper in kernel overlayfs' `userxattr` format (`user.overlay.*`),
     /// also where `trusted.*` xattrs could be set.
     pub userxattr: bool,
+    /// fuse-overlayfs' `uidmapping=`/`gidmapping=`: stored ids to shown ids.
+    pub uid_map: IdMap,
+    pub gid_map: IdMap,
+    /// `squash_to_root`, `squash_to_uid=`, `squash_to_gid=`: the owner every
+    /// object shows (resolved with `squash()`).
+    pub squash_to_root: bool,
+    pub squash_to_uid: Option<u32>,
+    pub squash_to_gid: Option<u32>,
+    /// Directories report one link (`static_nlink`).
+    pub static_nlink: bool,
+    /// No POSIX ACLs in the mount (`noacl`).
+    pub noacl: bool,
+    /// Who besides the mounting user may use the mount.
+    pub access: Access,
+}
+
+impl MountOptions {
+    pub fn squash(&self) -> Squash {
+        Squash::new(self.squash_to_root, self.squash_to_uid, self.squash_to_gid)
+    }
+}
+
+/// Who may use a mount besides the user who mounted it. The kernel lets
+/// only that user in unless the mount has `allow_other`; fusermount3 gives
+/// a plain user `allow_other` only when /etc/fuse.conf has
+/// `user_allow_other`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Access {
+    /// Everyone where the mount may say so without asking: root's mounts
+    /// and mounts inside a user namespace, and a plain user's when
+    /// /etc/fuse.conf has `user_allow_other`; the owner alone otherwise.
+    #[default]
+    Default,
+    /// `allow_other`: everyone (permissions checked by the kernel).
+    AllowOther,
+    /// `allow_root`: the owner and root.
+    AllowRoot,
 }
 
 impl Default for MountOptions {
@@ -58,6 +97,14 @@ impl Default for MountOptions {
             noexec: false,
             fsname: None,
             userxattr: false,
+            uid_map: IdMap::default(),
+            gid_map: IdMap::default(),
+            squash_to_root: false,
+            squash_to_uid: None,
+            squash_to_gid: None,
+            static_nlink: false,
+            noacl: false,
+            access: Access::Default,
         }
     }
 }
@@ -85,8 +132,6 @@ const ACCEPTED_NOOPS: &[&str] = &[
     "nouser",
     "users",
     "defaults",
-    "allow_other",
-    "allow_root",
     "default_permissions",
     "nofail",
     "_netdev",
@@ -110,20 +155,18 @@ const ACCEPTED_NOOPS: &[&str] = &[
     "max_idle_threads",
 ];
 
-/// fuse-overlayfs options that change what the merged view shows there;
-/// unionfs does not implement them, and says so.
-const IGNORED_WITH_WARNING: &[&str] = &[
+/// Options that take a value.
+const VALUED: &[&str] = &[
+    "lowerdir",
+    "upperdir",
+    "workdir",
+    "fsname",
+    "threads",
     "uidmapping",
     "gidmapping",
-    "squash_to_root",
     "squash_to_uid",
     "squash_to_gid",
-    "static_nlink",
-    "noacl",
 ];
-
-/// Options that take a value.
-const VALUED: &[&str] = &["lowerdir", "upperdir", "workdir", "fsname", "threads"];
 
 /// Options that are flags.
 const FLAGS: &[&str] = &[
@@ -136,6 +179,11 @@ const FLAGS: &[&str] = &[
     "nosuid",
     "noexec",
     "debug",
+    "squash_to_root",
+    "static_nlink",
+    "noacl",
+    "allow_other",
+    "allow_root",
 ];
 
 /// A worker thread count, from `--threads` or `-o threads=`.
@@ -148,8 +196,8 @@ pub fn parse_threads(value: &str) -> Result<usize, String> {
 }
 
 /// Parses one `-o` argument into the request. Empty options and options
-/// with no meaning here are accepted; unknown or unimplemented ones are
-/// accepted with a warning in `req.warnings` (podman and fstab pass options
+/// with no meaning here are accepted; unknown ones are accepted with a
+/// warning in `req.warnings` (podman and fstab pass options
 /// meant for other filesystems); a malformed value of an option unionfs
 /// uses is refused.
 pub fn apply_options(req: &mut MountRequest, arg: &str) -> Result<(), ConfigError> {
@@ -194,10 +242,32 @@ pub fn apply_options(req: &mut MountRequest, arg: &str) -> Result<(), ConfigErro
                 req.options.passthrough = false;
                 req.options.lower_passthrough = false;
             }
+            ("uidmapping", Some(v)) => req.options.uid_map = id_mapping(&opt, v)?,
+            ("gidmapping", Some(v)) => req.options.gid_map = id_mapping(&opt, v)?,
+            ("squash_to_root", None) => req.options.squash_to_root = true,
+            ("squash_to_uid", Some(v)) => req.options.squash_to_uid = Some(squash_id(&opt, v)?),
+            ("squash_to_gid", Some(v)) => req.options.squash_to_gid = Some(squash_id(&opt, v)?),
+            ("static_nlink", None) => req.options.static_nlink = true,
+            ("noacl", None) => req.options.noacl = true,
             ("nodev", None) => req.options.nodev = true,
             ("nosuid", None) => req.options.nosuid = true,
             ("noexec", None) => req.options.noexec = true,
             ("debug", None) => req.debug = true,
+            ("allow_other" | "allow_root", None) => {
+                let access = if key == "allow_other" {
+                    Access::AllowOther
+                } else {
+                    Access::AllowRoot
+                };
+                if req.options.access != Access::Default && req.options.access != access {
+                    return refuse(
+                        "allow_other and allow_root cannot be used together \
+                         (allow_other lets root in too)"
+                            .into(),
+                    );
+                }
+                req.options.access = access;
+            }
             (k, _) if VALUED.contains(&k) => {
                 return refuse(format!("bad mount option '{opt}': {k} needs a value"));
             }
@@ -205,15 +275,24 @@ pub fn apply_options(req: &mut MountRequest, arg: &str) -> Result<(), ConfigErro
                 return refuse(format!("bad mount option '{opt}': {k} takes no value"));
             }
             (k, _) if ACCEPTED_NOOPS.contains(&k) || k.starts_with("x-") => {}
-            (k, _) if IGNORED_WITH_WARNING.contains(&k) => req.warnings.push(format!(
-                "ignoring mount option '{opt}': unionfs does not implement {k}"
-            )),
             _ => req
                 .warnings
                 .push(format!("ignoring unknown mount option '{opt}'")),
         }
     }
     Ok(())
+}
+
+fn id_mapping(opt: &str, value: &str) -> Result<IdMap, ConfigError> {
+    IdMap::parse(value).or_else(|e| {
+        refuse(format!(
+            "bad mount option '{opt}': {e} (expected STORED:SHOWN:LENGTH[:STORED:SHOWN:LENGTH...])"
+        ))
+    })
+}
+
+fn squash_id(opt: &str, value: &str) -> Result<u32, ConfigError> {
+    parse_squash_id(value).or_else(|e| refuse(format!("bad mount option '{opt}': {e}")))
 }
 
 /// Splits a comma-separated option list. A comma inside double quotes
@@ -566,7 +645,8 @@ pub fn open_fuse_device() -> Result<OwnedFd, String> {
     .map_err(|e| {
         let hint = match e {
             Errno::EACCES | Errno::EPERM => {
-                " (mount as root, or give this user read and write access to /dev/fuse)"
+                " (this user may not read and write it: mount as root, or give users \
+                 read and write access to /dev/fuse, mode 0666 as distributions ship it)"
             }
             Errno::ENOENT | Errno::ENODEV | Errno::ENXIO => {
                 " (load the fuse module or pass --device /dev/fuse to the container)"
@@ -575,6 +655,36 @@ pub fn open_fuse_device() -> Result<OwnedFd, String> {
         };
         format!("cannot open /dev/fuse: {}{hint}", e.desc())
     })
+}
+
+/// Where fusermount3 reads whether plain users may ask for `allow_other`.
+pub const FUSE_CONF: &str = "/etc/fuse.conf";
+
+/// Whether /etc/fuse.conf lets plain users mount with `allow_other` (a
+/// line `user_allow_other`), read as fusermount3 reads it. A missing or
+/// unreadable file counts as no.
+pub fn user_allow_other() -> bool {
+    fs::read(FUSE_CONF).is_ok_and(|text| fuse_conf_allows_other(&text))
+}
+
+/// fusermount3's reading of fuse.conf (`read_conf`): anything from `#` on
+/// is a comment, white space around a line is dropped, and what is left
+/// must be `user_allow_other` exactly. Like fusermount3, a line counts only
+/// when it ends in a newline and fits its 256-byte buffer.
+pub fn fuse_conf_allows_other(text: &[u8]) -> bool {
+    // C's isspace(), which has \v where Rust's is_ascii_whitespace has not.
+    let space = |b: &u8| matches!(b, b' ' | b'\t' | b'\n' | b'\x0b' | b'\x0c' | b'\r');
+    text.split_inclusive(|b| *b == b'\n')
+        .filter(|line| line.ends_with(b"\n") && line.len() < 256 && !line.contains(&0))
+        .any(|line| {
+            let line = line.split(|b| *b == b'#').next().unwrap_or_default();
+            let start = line.iter().position(|b| !space(b)).unwrap_or(line.len());
+            let end = line
+                .iter()
+                .rposition(|b| !space(b))
+                .map_or(start, |i| i + 1);
+            &line[start..end] == b"user_allow_other"
+        })
 }
 
 /// Whether `mountpoint` (canonical) carries a unionfs mount now.
@@ -623,6 +733,20 @@ mod tests {
             "passthrough=most",
             "volatile=1",
             "ro=yes",
+            "uidmapping",
+            "uidmapping=",
+            "uidmapping=0:100000",
+            "uidmapping=0:100000:0",
+            "gidmapping=0:x:10",
+            "gidmapping=0:100:10:5:200:10",
+            "uidmapping=0:100:10:50:105:10",
+            "uidmapping=1:0:4294967295",
+            "squash_to_uid",
+            "squash_to_uid=-1",
+            "squash_to_gid=root",
+            "squash_to_root=1",
+            "static_nlink=yes",
+            "noacl=0",
         ] {
             let mut req = MountRequest::default();
             let err = apply_options(&mut req, bad).expect_err(bad);
@@ -640,12 +764,62 @@ mod tests {
     }
 
     #[test]
-    fn unimplemented_options_warn() {
+    fn unknown_options_warn() {
         let mut req = MountRequest::default();
         apply_options(&mut req, "squash_to_root,noatime,uidmapping=0:1:1,frob").unwrap();
-        assert_eq!(req.warnings.len(), 3, "{:?}", req.warnings);
-        assert!(req.warnings[0].contains("squash_to_root"));
-        assert!(req.warnings[2].contains("'frob'"));
+        assert_eq!(req.warnings, ["ignoring unknown mount option 'frob'"]);
+    }
+
+    #[test]
+    fn fuse_overlayfs_id_options_parse() {
+        let mut req = MountRequest::default();
+        apply_options(
+            &mut req,
+            "uidmapping=0:100000:65536,gidmapping=0:200000:1:1:300000:10,static_nlink,noacl",
+        )
+        .unwrap();
+        let o = &req.options;
+        assert_eq!(o.uid_map.to_shown(1), Some(100001));
+        assert_eq!(o.gid_map.to_shown(0), Some(200000));
+        assert_eq!(o.gid_map.to_shown(5), Some(300004));
+        assert!(o.static_nlink && o.noacl);
+        assert!(o.squash().is_none());
+        assert!(req.warnings.is_empty(), "{:?}", req.warnings);
+
+        // squash_to_uid/gid win over squash_to_root, in any order.
+        let mut req = MountRequest::default();
+        apply_options(&mut req, "squash_to_gid=5,squash_to_root").unwrap();
+        assert_eq!(
+            req.options.squash(),
+            Squash {
+                uid: Some(0),
+                gid: Some(5)
+            }
+        );
+        let mut req = MountRequest::default();
+        apply_options(&mut req, "squash_to_uid=1000").unwrap();
+        assert_eq!(
+            req.options.squash(),
+            Squash {
+                uid: Some(1000),
+                gid: None
+            }
+        );
+    }
+
+    #[test]
+    fn bad_mappings_say_what_is_wrong() {
+        for (bad, says) in [
+            ("uidmapping=0:100000", "triples"),
+            ("uidmapping=0:100000:0", "empty"),
+            ("gidmapping=0:100:10:5:200:10", "overlap"),
+            ("uidmapping=a:1:1", "'a' is not an id"),
+        ] {
+            let mut req = MountRequest::default();
+            let err = apply_options(&mut req, bad).expect_err(bad);
+            assert!(err.0.contains(says), "{bad}: {err}");
+            assert!(err.0.contains("STORED:SHOWN:LENGTH"), "{bad}: {err}");
+        }
     }
 
     #[test]
@@ -657,6 +831,51 @@ mod tests {
             vec![PathBuf::from("/a:b"), PathBuf::from("/c,d")]
         );
         assert!(req.options.read_only);
+    }
+
+    #[test]
+    fn allow_other_and_allow_root_are_options() {
+        let mut req = MountRequest::default();
+        assert_eq!(req.options.access, Access::Default);
+        apply_options(&mut req, "allow_other,allow_other").unwrap();
+        assert_eq!(req.options.access, Access::AllowOther);
+        let mut req = MountRequest::default();
+        apply_options(&mut req, "allow_root").unwrap();
+        assert_eq!(req.options.access, Access::AllowRoot);
+        let err = apply_options(&mut req, "allow_other").unwrap_err();
+        assert!(err.0.contains("cannot be used together"), "{err}");
+        assert!(apply_options(&mut MountRequest::default(), "allow_other=1").is_err());
+        assert!(req.warnings.is_empty(), "{:?}", req.warnings);
+    }
+
+    #[test]
+    fn fuse_conf_is_read_as_fusermount3_reads_it() {
+        for (text, expected) in [
+            ("user_allow_other\n", true),
+            (
+                "# comment\n  user_allow_other \t# why\nmount_max = 1000\n",
+                true,
+            ),
+            ("\x0buser_allow_other\r\n", true),
+            ("#user_allow_other\n", false),
+            ("# user_allow_other - lets users ...\n", false),
+            ("user_allow_other=1\n", false),
+            ("user_allow_others\n", false),
+            ("allow user_allow_other\n", false),
+            // fusermount3 only reads lines that end in a newline...
+            ("user_allow_other", false),
+            ("mount_max = 10\nuser_allow_other", false),
+            // ...and fit in its buffer.
+            (&format!("{}user_allow_other\n", " ".repeat(238)), true),
+            (&format!("{}user_allow_other\n", " ".repeat(239)), false),
+            ("", false),
+        ] {
+            assert_eq!(
+                fuse_conf_allows_other(text.as_bytes()),
+                expected,
+                "{text:?}"
+            );
+        }
     }
 
     #[test]

@@ -4,25 +4,30 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{IsTerminal, Read, Write};
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fuser::{Config, MountOption, Session, SessionACL};
+use fuser::{Config, Session, SessionACL};
 use nix::errno::Errno;
 use nix::mount::{MntFlags, umount2};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::wait::WaitStatus;
-use tracing::{info, warn};
+use nix::unistd::{geteuid, getuid};
+use tracing::{debug, info, warn};
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::UmountArgs;
-use crate::config::{ValidMount, mounted_by_unionfs};
+use crate::config::{Access, ValidMount, mounted_by_unionfs};
 use crate::fuse::{AdapterOptions, AsyncNotifier, UnionFs};
+use crate::overlay::idmap::{self, IdShift};
 use crate::overlay::{Overlay, OverlayConfig};
 use crate::sys::{self, Forked};
 
-const PID_DIR: &str = "/run/unionfs";
+/// Where root's daemons record their pids (see `pid_dirs` for the others).
+const ROOT_PID_DIR: &str = "/run/unionfs";
 
 /// Opened before forking: an unusable path is reported to the caller at
 /// once, and the detached daemon gets a file it knows it can write.
@@ -169,67 +174,188 @@ fn describe_exit(status: nix::Result<WaitStatus>) -> String {
     }
 }
 
-fn session_config(mount: &ValidMount) -> Config {
+fn session_config(mount: &ValidMount, acl: SessionACL) -> Config {
     let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::FSName(mount.fsname.clone()),
-        MountOption::Subtype("unionfs".into()),
-        MountOption::DefaultPermissions,
-        if mount.read_only() {
-            MountOption::RO
-        } else {
-            MountOption::RW
-        },
-        if mount.options.nodev {
-            MountOption::NoDev
-        } else {
-            MountOption::Dev
-        },
-        if mount.options.nosuid {
-            MountOption::NoSuid
-        } else {
-            MountOption::Suid
-        },
-        if mount.options.noexec {
-            MountOption::NoExec
-        } else {
-            MountOption::Exec
-        },
-    ];
-    // Containers run as many users; the kernel checks permissions
-    // (default_permissions), so everyone may be let in.
-    config.acl = SessionACL::All;
+    config.acl = acl;
     config.n_threads = Some(mount.threads.max(1));
     config.clone_fd = true;
     config
 }
 
+/// Who a mount made with mount(2) serves: everyone (`allow_other`, which
+/// `mount_fuse` always sets). Containers run as many users, and the kernel
+/// checks their permissions (default_permissions). That is root, or the
+/// root of a user namespace, where the kernel lets only processes of that
+/// namespace use an allow_other mount.
+fn kernel_mount_acl(access: Access) -> SessionACL {
+    match access {
+        Access::AllowRoot => SessionACL::RootAndOwner,
+        Access::Default | Access::AllowOther => SessionACL::All,
+    }
+}
+
+/// Who a mount made through fusermount3 serves. fusermount3 is asked for
+/// `allow_other` for anything but `Owner`, and grants it to a plain user
+/// only when /etc/fuse.conf has `user_allow_other`: so by default it is
+/// asked for only where it is granted. Without it the kernel sends the
+/// requests of the mounting user alone, and `Owner` has the session check
+/// the same.
+fn fusermount_acl(access: Access, user_allow_other: impl FnOnce() -> bool) -> SessionACL {
+    match access {
+        Access::AllowOther => SessionACL::All,
+        Access::AllowRoot => SessionACL::RootAndOwner,
+        Access::Default if getuid().is_root() || user_allow_other() => SessionACL::All,
+        Access::Default => SessionACL::Owner,
+    }
+}
+
 /// Mounts with type `fuse.unionfs` (fuser's own mount says plain `fuse`,
 /// which hides what the mount is from mount(8), podman and `unionfs umount`).
-/// Unprivileged callers fall back to fuser's fusermount3 path.
+/// Callers who may not mount(2), plain users outside a user namespace, go
+/// through fusermount3.
 fn start_session(fs: UnionFs, mount: &ValidMount) -> Result<Session<UnionFs>, String> {
-    let config = session_config(mount);
-    let target = mount.mountpoint.display();
-    match mount_fuse(mount)? {
-        Some(fd) => Session::from_fd(fs, fd, SessionACL::All, config)
-            .map_err(|e| format!("cannot start the FUSE session on '{target}': {e}")),
-        None => Session::new(fs, &mount.mountpoint, &config).map_err(|e| {
-            let hint = match e.kind() {
-                std::io::ErrorKind::NotFound => {
-                    " (mount as root, or install fusermount3 from the fuse3 package)"
-                }
-                _ => " (mount as root, or set user_allow_other in /etc/fuse.conf)",
-            };
-            // fusermount3 prints a line per option it drops before the
-            // one that says why it failed.
-            let text = e.to_string();
-            let reason = text.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
-            format!(
-                "cannot mount on '{target}' without root, through fusermount3: {}{hint}",
-                reason.trim()
-            )
-        }),
+    let (fd, acl) = match mount_fuse(mount)? {
+        Some(fd) => (fd, kernel_mount_acl(mount.options.access)),
+        None => {
+            let acl = fusermount_acl(mount.options.access, crate::config::user_allow_other);
+            (mount_with_fusermount(mount, acl)?, acl)
+        }
+    };
+    Session::from_fd(fs, fd, acl, session_config(mount, acl)).map_err(|e| {
+        format!(
+            "cannot start the FUSE session on '{}': {e}",
+            mount.mountpoint.display()
+        )
+    })
+}
+
+/// The options fusermount3 mounts with. It mounts `nodev,nosuid` for a
+/// plain user whatever is asked, and warns about each `dev` or `suid`.
+fn fusermount_options(mount: &ValidMount, acl: SessionACL) -> String {
+    let root = getuid().is_root();
+    let o = &mount.options;
+    // fusermount3 reads `\` as an escape, as libfuse writes `,` and `\`.
+    let fsname = mount.fsname.replace('\\', "\\\\").replace(',', "\\,");
+    let mut options = vec![
+        format!("fsname={fsname}"),
+        "subtype=unionfs".to_string(),
+        "default_permissions".to_string(),
+    ];
+    let flags = [
+        (mount.read_only(), "ro", Some("rw")),
+        (o.noexec, "noexec", Some("exec")),
+        (o.nodev, "nodev", root.then_some("dev")),
+        (o.nosuid, "nosuid", root.then_some("suid")),
+        (acl != SessionACL::Owner, "allow_other", None),
+    ];
+    for (set, yes, no) in flags {
+        options.extend(if set { Some(yes) } else { no }.map(str::to_string));
     }
+    options.join(",")
+}
+
+/// Has fusermount3 (setuid root) mount for this user, as libfuse does: it
+/// opens /dev/fuse, mounts, and sends the descriptor back over a socket.
+/// No fuser `Mount` exists for it, so the session never unmounts on its
+/// own when it ends: fuser 0.18 would run `fusermount3 -u -z` on the
+/// mountpoint then even after an unmount, and detach whatever was
+/// mounted there since.
+fn mount_with_fusermount(mount: &ValidMount, acl: SessionACL) -> Result<OwnedFd, String> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    use std::os::fd::{AsFd, AsRawFd};
+
+    let target = mount.mountpoint.display();
+    let Some(fusermount) = fusermount() else {
+        return Err(format!(
+            "cannot mount on '{target}' without root: a plain user mounts FUSE through \
+             fusermount3, which was not found (install it, from the fuse3 package, or mount as root)"
+        ));
+    };
+    let options = fusermount_options(mount, acl);
+    info!(
+        fusermount = %fusermount.display(),
+        %options,
+        "mount(2) is not permitted here; mounting through fusermount3"
+    );
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| format!("socketpair: {}", e.desc()))?;
+    let mut cmd = Command::new(&fusermount);
+    cmd.arg("-o")
+        .arg(&options)
+        .arg("--")
+        .arg(&mount.mountpoint)
+        .env("_FUSE_COMMFD", theirs.as_raw_fd().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    sys::inherit_fd(&mut cmd, theirs.as_fd());
+    let child = cmd.spawn().map_err(|e| {
+        format!(
+            "cannot mount on '{target}' without root: cannot run {}: {e} \
+             (install fusermount3, from the fuse3 package, or mount as root)",
+            fusermount.display()
+        )
+    })?;
+    drop(theirs);
+    // Returns at the descriptor, or at end of stream when fusermount3 exits
+    // without one.
+    let received = sys::receive_fd(ours.as_fd());
+    drop(ours);
+    let output = child
+        .wait_with_output()
+        .map_err(|e| format!("wait for {}: {e}", fusermount.display()))?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+        debug!("fusermount3: {line}");
+    }
+    match received {
+        Ok(Some(fd)) => return Ok(fd),
+        Ok(None) => {}
+        Err(e) => debug!("no descriptor from fusermount3: {e}"),
+    }
+    // It prints a line per option it drops before the one that says why
+    // it failed.
+    let reason = stderr
+        .lines()
+        .rfind(|l| !l.trim().is_empty())
+        .map(|l| l.trim().to_string())
+        .unwrap_or_else(|| format!("{} failed ({})", fusermount.display(), output.status));
+    let hint = if reason.contains("user_allow_other") {
+        "a plain user gets allow_other only with a line user_allow_other in /etc/fuse.conf: \
+         add it there, or mount without -o allow_other or allow_root"
+    } else if getuid().is_root() {
+        "root without CAP_SYS_ADMIN may not mount, through fusermount3 either"
+    } else {
+        "fusermount3 mounts for a plain user on a directory that user may write to, and \
+         must be installed setuid root; or mount as root"
+    };
+    Err(format!(
+        "cannot mount on '{target}' without root, through fusermount3: {reason} ({hint})"
+    ))
+}
+
+/// The setuid helper that mounts and unmounts FUSE for plain users, looked
+/// for as fuser looks for it: `$FUSERMOUNT_PATH`, else fusermount3 (or
+/// fusermount) on PATH or in /sbin, /bin, /usr/bin.
+fn fusermount() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("FUSERMOUNT_PATH") {
+        return Some(PathBuf::from(path));
+    }
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).collect())
+        .unwrap_or_default();
+    dirs.extend(["/sbin", "/bin", "/usr/bin"].map(PathBuf::from));
+    ["fusermount3", "fusermount"].iter().find_map(|name| {
+        dirs.iter().map(|dir| dir.join(name)).find(|candidate| {
+            fs::metadata(candidate).is_ok_and(|m| m.is_file())
+                && nix::unistd::access(candidate, nix::unistd::AccessFlags::X_OK).is_ok()
+        })
+    })
 }
 
 /// The mounted FUSE device, or None when mount(2) is not allowed to this
@@ -307,6 +433,14 @@ fn serve(mount: &ValidMount, ready: &mut ReadyPipe) -> Result<(), String> {
         work: mount.work.clone(),
         volatile: mount.options.volatile,
         userxattr: mount.options.userxattr,
+        ids: IdShift::new(
+            mount.options.uid_map.clone(),
+            mount.options.gid_map.clone(),
+            mount.options.squash(),
+            idmap::system_overflow_ids(),
+        ),
+        static_nlink: mount.options.static_nlink,
+        no_acl: mount.options.noacl,
     })
     .map_err(|e| {
         if e.op() == crate::overlay::workdir::IN_USE {
@@ -326,6 +460,7 @@ fn serve(mount: &ValidMount, ready: &mut ReadyPipe) -> Result<(), String> {
         AdapterOptions {
             passthrough: mount.options.passthrough,
             lower_passthrough: mount.options.lower_passthrough,
+            posix_acl: !mount.options.noacl,
         },
     );
     let session = start_session(fs, mount)?;
@@ -347,7 +482,7 @@ fn serve(mount: &ValidMount, ready: &mut ReadyPipe) -> Result<(), String> {
         .spawn(move || {
             if let Ok(signal) = signals.wait() {
                 info!(?signal, "unmounting on signal");
-                unmount(&mountpoint, false).ok();
+                unmount_on_signal(&mountpoint);
             }
         })
         .map_err(|e| format!("spawn signal thread: {e}"))?;
@@ -382,15 +517,85 @@ fn detach_stdio() {
     }
 }
 
-/// Where the daemon serving `mountpoint` (canonical) records its pid.
-pub fn pid_file_for(mountpoint: &Path) -> PathBuf {
+/// The name of the pid file of the daemon serving `mountpoint` (canonical),
+/// in whichever of `pid_dirs` it is.
+pub fn pid_file_name(mountpoint: &Path) -> String {
     // FNV-1a of the canonical path: stable, short, and free of slashes.
     let mut hash: u64 = 0xcbf29ce484222325;
     for b in mountpoint.as_os_str().as_encoded_bytes() {
         hash ^= u64::from(*b);
         hash = hash.wrapping_mul(0x100000001b3);
     }
-    Path::new(PID_DIR).join(format!("{hash:016x}.pid"))
+    format!("{hash:016x}.pid")
+}
+
+/// The directories this user's daemons record their pids in, the first
+/// one that works taken: /run/unionfs for root; `$XDG_RUNTIME_DIR/unionfs`
+/// (a plain user's own, where podman keeps its runtime files), and
+/// `/run/user/UID/unionfs` where that is the runtime directory; then
+/// `/tmp/unionfs-UID`. A daemon and the `unionfs umount` for it may not
+/// see the same environment, so umount looks in all of them. UID is the
+/// user's id outside its user namespace: roots of different users'
+/// namespaces do not share a directory.
+fn pid_dirs() -> Vec<PathBuf> {
+    let euid = geteuid();
+    let uid = outer_uid(euid.as_raw());
+    let mut dirs = Vec::new();
+    if euid.is_root() {
+        dirs.push(PathBuf::from(ROOT_PID_DIR));
+    }
+    if let Some(runtime) = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from)
+        && runtime.is_absolute()
+    {
+        dirs.push(runtime.join("unionfs"));
+    }
+    let login_runtime = PathBuf::from(format!("/run/user/{uid}/unionfs"));
+    if !dirs.contains(&login_runtime) {
+        dirs.push(login_runtime);
+    }
+    dirs.push(PathBuf::from(format!("/tmp/unionfs-{uid}")));
+    dirs
+}
+
+/// `uid` as the parent user namespace knows it (/proc/self/uid_map maps
+/// ids here to ids there); itself outside any user namespace.
+fn outer_uid(uid: u32) -> u32 {
+    map_id(
+        &fs::read_to_string("/proc/self/uid_map").unwrap_or_default(),
+        uid,
+    )
+}
+
+/// `id` through an id map (lines `inside outside count`); itself where the
+/// map does not cover it.
+fn map_id(map: &str, id: u32) -> u32 {
+    map.lines()
+        .find_map(|line| {
+            let mut fields = line.split_whitespace().map(|f| f.parse::<u64>().ok());
+            let (inside, outside, count) = (fields.next()??, fields.next()??, fields.next()??);
+            let offset = u64::from(id).checked_sub(inside).filter(|o| *o < count)?;
+            u32::try_from(outside + offset).ok()
+        })
+        .unwrap_or(id)
+}
+
+/// The pid files a daemon serving `mountpoint` may have written, most
+/// preferred first.
+fn pid_files(mountpoint: &Path) -> Vec<PathBuf> {
+    let name = pid_file_name(mountpoint);
+    pid_dirs().into_iter().map(|dir| dir.join(&name)).collect()
+}
+
+/// The pid file of the daemon serving `mountpoint` (canonical): the first
+/// of this user's pid directories that has one, else where a daemon of
+/// this user would write it first.
+pub fn pid_file_for(mountpoint: &Path) -> PathBuf {
+    let files = pid_files(mountpoint);
+    files
+        .iter()
+        .find(|f| f.exists())
+        .unwrap_or(&files[0])
+        .clone()
 }
 
 /// A pid file's content: the daemon's pid and its start time (clock ticks
@@ -466,46 +671,195 @@ impl PidRecord {
     }
 }
 
+/// The live daemon serving `mountpoint` (canonical), if a pid file names one.
+fn live_daemon(mountpoint: &Path) -> Option<PidRecord> {
+    pid_files(mountpoint)
+        .iter()
+        .filter_map(|path| PidRecord::read(path))
+        .find(PidRecord::is_live)
+}
+
 /// The pid of the live daemon serving `mountpoint` (canonical), if its pid
 /// file names one.
 pub fn daemon_pid(mountpoint: &Path) -> Option<i32> {
-    PidRecord::read(&pid_file_for(mountpoint))
-        .filter(PidRecord::is_live)
-        .map(|r| r.pid)
+    live_daemon(mountpoint).map(|r| r.pid)
 }
 
-/// Removes the pid file of `mountpoint` if the daemon it names is gone.
+/// Removes the pid files of `mountpoint` whose daemon is gone.
 fn remove_stale_pid_file(mountpoint: &Path) {
-    let path = pid_file_for(mountpoint);
-    if let Some(record) = PidRecord::read(&path)
-        && !record.is_live()
-        // Not if a new daemon has written its own meanwhile.
-        && PidRecord::read(&path) == Some(record)
-    {
-        info!(pid = record.pid, path = %path.display(), "removing a stale pid file");
-        let _ = fs::remove_file(&path);
+    for path in pid_files(mountpoint) {
+        if let Some(record) = PidRecord::read(&path)
+            && !record.is_live()
+            // Not if a new daemon has written its own meanwhile.
+            && PidRecord::read(&path) == Some(record)
+        {
+            info!(pid = record.pid, path = %path.display(), "removing a stale pid file");
+            let _ = fs::remove_file(&path);
+        }
     }
 }
 
-fn write_pid_file(mountpoint: &Path) -> Option<PathBuf> {
-    let path = pid_file_for(mountpoint);
-    fs::create_dir_all(PID_DIR).ok()?;
-    fs::write(&path, PidRecord::own().line()).ok()?;
-    Some(path)
+/// Makes `dir` (mode `mode`) if it is not there, and says whether this
+/// user may keep pid files in it: a directory it owns, which no one else
+/// may write to (one that others may write to is made private first).
+fn usable_pid_dir(dir: &Path, mode: u32) -> bool {
+    match fs::DirBuilder::new().mode(mode).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => {
+            debug!(dir = %dir.display(), "no pid directory here: {e}");
+            return false;
+        }
+    }
+    let Ok(meta) = fs::symlink_metadata(dir) else {
+        return false;
+    };
+    if !meta.is_dir() || meta.uid() != geteuid().as_raw() {
+        debug!(dir = %dir.display(), "no pid directory here: not a directory of this user");
+        return false;
+    }
+    // Earlier versions made /run/unionfs under the daemon's umask 0.
+    meta.mode() & 0o022 == 0
+        || fs::set_permissions(dir, fs::Permissions::from_mode(meta.mode() & 0o7755)).is_ok()
 }
 
-fn unmount(mountpoint: &Path, lazy: bool) -> Result<(), Errno> {
+/// Records this daemon's pid for `unionfs umount`, in the first of
+/// `pid_dirs` that takes it.
+fn write_pid_file(mountpoint: &Path) -> Option<PathBuf> {
+    let name = pid_file_name(mountpoint);
+    for dir in pid_dirs() {
+        let mode = if dir == Path::new(ROOT_PID_DIR) {
+            0o755
+        } else {
+            0o700
+        };
+        if !usable_pid_dir(&dir, mode) {
+            continue;
+        }
+        let path = dir.join(&name);
+        let written = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(&path)
+            .and_then(|mut file| file.write_all(PidRecord::own().line().as_bytes()));
+        match written {
+            Ok(()) => return Some(path),
+            Err(e) => debug!(path = %path.display(), "cannot write the pid file: {e}"),
+        }
+    }
+    warn!("no directory takes the pid file; `unionfs umount` will not wait for this daemon");
+    None
+}
+
+/// Why an unmount failed.
+struct UnmountError {
+    message: String,
+    busy: bool,
+}
+
+impl UnmountError {
+    fn from_errno(e: Errno) -> UnmountError {
+        UnmountError {
+            message: e.desc().to_string(),
+            busy: e == Errno::EBUSY,
+        }
+    }
+}
+
+/// Unmounts `mountpoint` (canonical) with umount2(2); where that is not
+/// permitted (a plain user's mount, made by fusermount3), through
+/// `fusermount3 -u` (`-z` when lazy), which unmounts a FUSE mount for the
+/// user who mounted it.
+fn unmount(mountpoint: &Path, lazy: bool) -> Result<(), UnmountError> {
     let flags = if lazy {
         MntFlags::MNT_DETACH
     } else {
         MntFlags::empty()
     };
     match umount2(mountpoint, flags) {
-        Err(Errno::EBUSY) if !lazy => {
+        Ok(()) => Ok(()),
+        Err(Errno::EPERM) => unmount_with_fusermount(mountpoint, lazy),
+        Err(e) => Err(UnmountError::from_errno(e)),
+    }
+}
+
+fn unmount_with_fusermount(mountpoint: &Path, lazy: bool) -> Result<(), UnmountError> {
+    let denied = |why: String| UnmountError {
+        message: format!("{} ({why})", Errno::EPERM.desc()),
+        busy: false,
+    };
+    let uid = getuid().as_raw();
+    match crate::mountinfo::mount_at(mountpoint).and_then(|m| fuse_owner(&m.super_options)) {
+        Some(owner) if owner == uid => {}
+        Some(owner) => {
+            return Err(denied(format!(
+                "uid {owner} mounted it: only that user or root may unmount it"
+            )));
+        }
+        None => return Err(denied("only root may unmount it".into())),
+    }
+    let Some(fusermount) = fusermount() else {
+        return Err(denied(
+            "a plain user unmounts through fusermount3, which was not found: \
+             install it, from the fuse3 package"
+                .into(),
+        ));
+    };
+    let mut cmd = Command::new(&fusermount);
+    cmd.arg("-u");
+    if lazy {
+        cmd.arg("-z");
+    }
+    let output = cmd
+        .arg("--")
+        .arg(mountpoint)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| UnmountError {
+            message: format!("cannot run {}: {e}", fusermount.display()),
+            busy: false,
+        })?;
+    if output.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let reason = stderr
+        .lines()
+        .rfind(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
+    Err(UnmountError {
+        message: if reason.is_empty() {
+            format!("{} failed ({})", fusermount.display(), output.status)
+        } else {
+            reason.to_string()
+        },
+        busy: reason.ends_with(Errno::EBUSY.desc()),
+    })
+}
+
+/// The user a FUSE mount belongs to, from its super options (`user_id=`).
+fn fuse_owner(super_options: &str) -> Option<u32> {
+    super_options
+        .split(',')
+        .find_map(|o| o.strip_prefix("user_id="))
+        .and_then(|uid| uid.parse().ok())
+}
+
+/// What the daemon does on SIGTERM, SIGINT or SIGHUP: unmount, lazily if
+/// the mount is busy; the session then ends.
+fn unmount_on_signal(mountpoint: &Path) {
+    let result = match unmount(mountpoint, false) {
+        Err(e) if e.busy => {
             warn!(mountpoint = %mountpoint.display(), "mount busy; detaching lazily");
-            umount2(mountpoint, MntFlags::MNT_DETACH)
+            unmount(mountpoint, true)
         }
         other => other,
+    };
+    if let Err(e) = result {
+        warn!(mountpoint = %mountpoint.display(), "cannot unmount: {}", e.message);
     }
 }
 
@@ -519,18 +873,13 @@ pub fn umount(args: &UmountArgs) -> Result<(), String> {
     }
     // Only a live daemon is waited for: a killed one's pid may belong to
     // another process by now.
-    let daemon = PidRecord::read(&pid_file_for(&mountpoint)).filter(PidRecord::is_live);
-    let flags = if args.lazy {
-        MntFlags::MNT_DETACH
-    } else {
-        MntFlags::empty()
-    };
-    umount2(&mountpoint, flags).map_err(|e| {
+    let daemon = live_daemon(&mountpoint);
+    unmount(&mountpoint, args.lazy).map_err(|e| {
         format!(
             "cannot unmount '{}': {}{}",
             mountpoint.display(),
-            e.desc(),
-            if e == Errno::EBUSY {
+            e.message,
+            if e.busy && !args.lazy {
                 " (in use; --lazy detaches it anyway)"
             } else {
                 ""
@@ -562,14 +911,15 @@ pub fn umount(args: &UmountArgs) -> Result<(), String> {
 }
 
 /// The canonical path of a mountpoint. A FUSE mount whose daemon is gone
-/// fails every lookup; its parent's canonical path and its name still say
-/// where it is.
+/// fails every lookup, and one without allow_other every lookup by other
+/// users; its parent's canonical path and its name still say where it is.
 fn canonical_mountpoint(path: &Path) -> Result<PathBuf, String> {
     let error = match path.canonicalize() {
         Ok(path) => return Ok(path),
         Err(e) => e,
     };
-    if is_dead_fuse_mount(&error)
+    // EACCES: another user's FUSE mount, without allow_other.
+    if (is_dead_fuse_mount(&error) || error.kind() == std::io::ErrorKind::PermissionDenied)
         && let Some(name) = path.file_name()
     {
         let parent = match path.parent() {
@@ -609,6 +959,84 @@ mod tests {
         // Without a start time (earlier versions), the executable decides:
         // this test binary is not unionfs.
         assert!(!PidRecord { start: None, ..own }.is_live());
+    }
+
+    fn valid_mount(fsname: &str, options: crate::config::MountOptions) -> ValidMount {
+        ValidMount {
+            lowers: vec![PathBuf::from("/l")],
+            upper: Some(PathBuf::from("/u")),
+            work: Some(PathBuf::from("/w")),
+            mountpoint: PathBuf::from("/m"),
+            fsname: fsname.into(),
+            options,
+            foreground: false,
+            threads: 1,
+            debug: false,
+            log_file: None,
+            warnings: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn fusermount3_gets_the_mount_options() {
+        use crate::config::MountOptions;
+        // These tests run as root: fusermount3 would take dev and suid.
+        assert!(getuid().is_root());
+        let mount = valid_mount("unionfs-container:a,b\\c", MountOptions::default());
+        assert_eq!(
+            fusermount_options(&mount, SessionACL::Owner),
+            "fsname=unionfs-container:a\\,b\\\\c,subtype=unionfs,default_permissions,rw,exec,dev,suid"
+        );
+        let options = MountOptions {
+            read_only: true,
+            nodev: true,
+            nosuid: true,
+            noexec: true,
+            ..MountOptions::default()
+        };
+        assert_eq!(
+            fusermount_options(&valid_mount("x", options), SessionACL::All),
+            "fsname=x,subtype=unionfs,default_permissions,ro,noexec,nodev,nosuid,allow_other"
+        );
+    }
+
+    #[test]
+    fn allow_other_is_asked_for_where_it_is_granted() {
+        // Root: fusermount3 grants it whatever fuse.conf says.
+        assert_eq!(fusermount_acl(Access::Default, || false), SessionACL::All);
+        assert_eq!(
+            fusermount_acl(Access::AllowOther, || false),
+            SessionACL::All
+        );
+        assert_eq!(
+            fusermount_acl(Access::AllowRoot, || true),
+            SessionACL::RootAndOwner
+        );
+        assert_eq!(kernel_mount_acl(Access::Default), SessionACL::All);
+        assert_eq!(
+            kernel_mount_acl(Access::AllowRoot),
+            SessionACL::RootAndOwner
+        );
+    }
+
+    #[test]
+    fn fuse_mounts_name_their_owner() {
+        assert_eq!(
+            fuse_owner("rw,user_id=1001,group_id=1001,default_permissions"),
+            Some(1001)
+        );
+        assert_eq!(fuse_owner("rw,size=10k"), None);
+        assert_eq!(fuse_owner("rw,user_id=x"), None);
+    }
+
+    #[test]
+    fn ids_map_to_the_parent_namespace() {
+        assert_eq!(map_id("         0          0 4294967295\n", 1001), 1001);
+        // unshare -Ur as uid 1001; a subuid range.
+        assert_eq!(map_id("0 1001 1\n", 0), 1001);
+        assert_eq!(map_id("0 1001 1\n1 100000 65536\n", 1000), 100999);
+        assert_eq!(map_id("0 1001 1\n", 5), 5);
+        assert_eq!(map_id("", 7), 7);
     }
 
     #[test]

@@ -176,6 +176,59 @@ pub fn fork_single_threaded() -> io::Result<Forked> {
     }
 }
 
+/// Has the program `cmd` runs inherit descriptor `fd`, which is
+/// close-on-exec like every descriptor this process opens. The caller
+/// keeps `fd` open until `cmd` is spawned.
+pub fn inherit_fd(cmd: &mut std::process::Command, fd: BorrowedFd<'_>) {
+    use std::os::unix::process::CommandExt;
+    let raw = fd.as_raw_fd();
+    // SAFETY: the closure runs in the child between fork and exec, where
+    // only async-signal-safe calls are allowed: it makes one fcntl call on
+    // a descriptor the child inherited, and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Receives a descriptor that the other end of the stream socket `socket`
+/// sends with SCM_RIGHTS (as fusermount3 sends the /dev/fuse descriptor
+/// of the mount it made); None when it closed the socket without one.
+pub fn receive_fd(socket: BorrowedFd<'_>) -> io::Result<Option<std::os::fd::OwnedFd>> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+    let mut byte = [0u8; 1];
+    let mut iov = [io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let msg = loop {
+        match recvmsg::<()>(
+            socket.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Err(Errno::EINTR) => continue,
+            other => break other?,
+        }
+    };
+    let mut received = Vec::new();
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            received.extend(fds.into_iter().map(|fd| {
+                // SAFETY: the kernel has just installed `fd` in this
+                // process's table for this message: nothing else owns it.
+                unsafe { OwnedFd::from_raw_fd(fd) }
+            }));
+        }
+    }
+    // Any extra descriptor closes here.
+    Ok(received.into_iter().next())
+}
+
 /// Clones a file's extents into another (reflink) where the filesystem can.
 pub fn ficlone(dest: impl AsFd, src: impl AsFd) -> io::Result<()> {
     // SAFETY: FICLONE takes the source descriptor as its integer argument and

@@ -491,6 +491,11 @@ fn invalid_option_values_are_refused() {
         ("passthrough=some", "passthrough=some"),
         ("ro=yes", "takes no value"),
         ("upperdir=", "needs a value"),
+        ("uidmapping=0:1000", "triples"),
+        ("gidmapping=0:1000:0", "empty"),
+        ("uidmapping=0:100:10:5:200:10", "overlap"),
+        ("squash_to_uid=x", "squash_to_uid=x"),
+        ("static_nlink=1", "takes no value"),
     ] {
         refused(
             &["mount", "--lower", lower, mnt, "-o", opts],
@@ -527,15 +532,12 @@ fn ignored_options_are_warned_about_on_stderr() {
     ]));
     let m = UnionMount::adopt(&l.mnt);
     let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("frobnicate"), "{stderr:?}");
     assert!(
-        stderr.contains("frobnicate") && stderr.contains("uidmapping"),
-        "{stderr:?}"
+        !stderr.contains("noatime") && !stderr.contains("uidmapping"),
+        "noatime and uidmapping need no warning: {stderr:?}"
     );
-    assert!(
-        !stderr.contains("noatime"),
-        "noatime needs no warning: {stderr:?}"
-    );
-    assert_eq!(stderr.lines().count(), 2, "{stderr:?}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr:?}");
     drop(m);
 
     // What podman's overlay.mount_program passes is taken without a word.
@@ -752,21 +754,4 @@ fn umount_ignores_a_pid_file_naming_another_process() {
         assert!(!pid_file.exists(), "{record:?}: the stale pid file is left");
         assert!(!process_gone(other_pid), "the other process was touched");
     }
-}
-
-#[test]
-fn detached_mount_without_root_says_so() {
-    // nobody may open this /dev/fuse but not mount(2): the fusermount3 path.
-    let conf = fs::read_to_string("/etc/fuse.conf").unwrap_or_default();
-    if conf.lines().any(|l| l.trim() == "user_allow_other") {
-        eprintln!("skipped: user_allow_other would let fusermount3 mount");
-        return;
-    }
-    let (l, upper, mnt) = nobody_layout();
-    let stderr = mount_as_nobody("666", &l.lower, &upper, &mnt);
-    assert!(
-        stderr.contains("without root"),
-        "the real reason: {stderr:?}"
-    );
-    assert!(stderr.contains("mount as root"), "what to do: {stderr:?}");
 }

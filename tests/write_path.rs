@@ -426,6 +426,53 @@ fn moving_lower_directories_uses_kernel_redirects() {
     assert_eq!(layer_digest(&lower), digest, "lower changed");
 }
 
+/// `-o userxattr` as root: the upper in the user namespace only, lower
+/// directories answer EXDEV (so `mv` copies), and kernel overlayfs with
+/// `userxattr` reads the result as unionfs showed it.
+#[test]
+fn userxattr_writes_user_namespace_markers_and_refuses_to_move_lower_dirs() {
+    let s = Scratch::new();
+    let (lower, upper) = layers(&s);
+    write(lower.join("usr/sbin/tool"), b"t");
+    write(lower.join("data/sub/f"), b"f");
+    let digest = layer_digest(&lower);
+    let mnt = s.mkdir("mnt");
+    let m = UnionMount::mount(&[&lower], Some(&upper), &mnt, &["-o", "userxattr"]);
+    fs::remove_dir_all(m.path("usr/sbin")).unwrap();
+    fs::create_dir(m.path("usr/sbin")).unwrap();
+    let err = fs::rename(m.path("data/sub"), m.path("data/moved")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EXDEV));
+    sh(Command::new("mv")
+        .arg(m.path("data/sub"))
+        .arg(m.path("data/moved")));
+    fs::create_dir(m.path("data/mine")).unwrap();
+    fs::rename(m.path("data/mine"), m.path("data/mine2")).unwrap();
+    let tree = snapshot(&m.mountpoint);
+    drop(m);
+
+    let sbin = upper.join("usr/sbin");
+    assert_eq!(
+        xattrs_with_prefix(&sbin, "user.overlay.opaque")
+            .get("user.overlay.opaque")
+            .map(|v| v.as_slice()),
+        Some(&b"y"[..])
+    );
+    for dir in ["usr/sbin", "data/moved", "data/mine2"] {
+        let trusted = xattrs_with_prefix(&upper.join(dir), "trusted.");
+        assert!(trusted.is_empty(), "{dir}: {trusted:?}");
+    }
+    let kernel = KernelMount::mount(
+        &[&lower],
+        Some((&upper, &s.mkdir("kwork"))),
+        &s.mkdir("kmnt"),
+        "userxattr",
+    );
+    let diffs = diff_trees("unionfs", &tree, "kernel", &snapshot(&kernel.mountpoint));
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+    drop(kernel);
+    assert_eq!(layer_digest(&lower), digest, "lower changed");
+}
+
 #[test]
 fn a_listing_stays_sane_while_the_directory_changes() {
     let s = Scratch::new();

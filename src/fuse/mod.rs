@@ -53,6 +53,8 @@ pub struct AdapterOptions {
     /// it is open, and no copy-up can replace it: writing to such a file
     /// (open for write, truncate) fails with ETXTBSY until it is closed.
     pub lower_passthrough: bool,
+    /// Ask the kernel for POSIX ACL handling (not with `noacl`).
+    pub posix_acl: bool,
 }
 
 pub struct UnionFs {
@@ -169,7 +171,6 @@ impl Filesystem for UnionFs {
             InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_CACHE_SYMLINKS,
-            InitFlags::FUSE_POSIX_ACL,
             InitFlags::FUSE_ATOMIC_O_TRUNC,
             InitFlags::FUSE_ASYNC_DIO,
             // The kernel otherwise asks GETXATTR(security.capability) before
@@ -181,7 +182,10 @@ impl Filesystem for UnionFs {
             // comes with the request instead and `create` decides.
             InitFlags::FUSE_DONT_MASK,
         ];
-        for flag in wanted {
+        // With `noacl` the kernel neither enforces nor caches ACLs, and the
+        // core answers EOPNOTSUPP for them.
+        let acl = self.options.posix_acl.then_some(InitFlags::FUSE_POSIX_ACL);
+        for flag in wanted.into_iter().chain(acl) {
             if config.add_capabilities(flag).is_err() {
                 debug!(?flag, "kernel lacks FUSE capability");
             }

@@ -35,6 +35,40 @@ const GROUP: u16 = 0x08;
 const MASK: u16 = 0x10;
 const OTHER: u16 = 0x20;
 
+/// Whether `name` is one of the POSIX ACL xattrs.
+pub fn is_acl_xattr(name: &[u8]) -> bool {
+    name == ACCESS.to_bytes() || name == DEFAULT.to_bytes()
+}
+
+/// The ACL xattr `value` with the ids of its named-user entries moved by
+/// `user` and of its named-group entries by `group` (the owner, mask and
+/// other entries carry none). None for a malformed value or an id the
+/// functions have no answer for.
+pub fn map_ids(
+    value: &[u8],
+    user: impl Fn(u32) -> Option<u32>,
+    group: impl Fn(u32) -> Option<u32>,
+) -> Option<Vec<u8>> {
+    let version = u32::from_le_bytes(value.get(..HEADER_LEN)?.try_into().ok()?);
+    let body = &value[HEADER_LEN..];
+    if version != XATTR_VERSION || !body.len().is_multiple_of(ENTRY_LEN) {
+        return None;
+    }
+    let mut out = value.to_vec();
+    for (i, entry) in body.chunks_exact(ENTRY_LEN).enumerate() {
+        let tag = u16::from_le_bytes([entry[0], entry[1]]);
+        let id = u32::from_le_bytes(entry[4..8].try_into().ok()?);
+        let mapped = match tag {
+            USER => user(id)?,
+            GROUP => group(id)?,
+            _ => continue,
+        };
+        let id_at = HEADER_LEN + i * ENTRY_LEN + 4;
+        out[id_at..id_at + 4].copy_from_slice(&mapped.to_le_bytes());
+    }
+    Some(out)
+}
+
 /// The default ACL of directory `dir` (its xattr value), if it has one. A
 /// filesystem without ACLs has none.
 pub fn default_acl(dir: BorrowedFd<'_>) -> Result<Option<Vec<u8>>> {
@@ -57,10 +91,12 @@ pub fn creation_mode(mode: u32, umask: u32, default_acl: bool) -> u32 {
 
 /// `object` as it is to be made in the upper directory `dir`, and that
 /// directory's default ACL when it has one and the object takes a mode.
+/// Without ACL support in the mount (`noacl`) the umask applies plainly.
 pub fn prepare<'a>(
     object: NewObject<'a>,
     umask: u32,
     dir: BorrowedFd<'_>,
+    acls: bool,
 ) -> Result<(NewObject<'a>, Option<Vec<u8>>)> {
     let takes_mode = matches!(
         object,
@@ -69,7 +105,7 @@ pub fn prepare<'a>(
     if !takes_mode {
         return Ok((object, None));
     }
-    let acl = default_acl(dir)?;
+    let acl = if acls { default_acl(dir)? } else { None };
     let mask = |mode: u32| creation_mode(mode, umask, acl.is_some());
     let object = match object {
         NewObject::File { mode, flags } => NewObject::File {

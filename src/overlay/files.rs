@@ -14,6 +14,7 @@ use nix::unistd::{Whence, fdatasync, fsync, lseek};
 use super::copyup::CopyData;
 use super::error::{Error, Result, SysContext};
 use super::handles::OpenFile;
+use super::idmap::IdShift;
 use super::layer::open_beneath;
 use super::readdir::DirEntry;
 use super::write::Caller;
@@ -40,7 +41,7 @@ impl Overlay {
         }
         let file = self.open_backing(&node, flags)?;
         if let Some(caller) = drop_setid.filter(|_| flags & libc::O_TRUNC != 0) {
-            clear_setid_bits(&file, caller).map_err(|e| e.with_path(node.path()))?;
+            clear_setid_bits(&file, caller, self.ids()).map_err(|e| e.with_path(node.path()))?;
         }
         Ok(self.handles.add_file(node, flags, file))
     }
@@ -57,7 +58,8 @@ impl Overlay {
         let open = self.open_file(fh)?;
         let file = open.file();
         if let Some(caller) = drop_setid {
-            clear_setid_bits(&file, caller).map_err(|e| e.with_path(open.node.path()))?;
+            clear_setid_bits(&file, caller, self.ids())
+                .map_err(|e| e.with_path(open.node.path()))?;
         }
         let result = if open.flags & libc::O_APPEND != 0 {
             // pwrite ignores the offset on O_APPEND files; the kernel already
@@ -142,7 +144,7 @@ impl Overlay {
         } else {
             open.node.id
         };
-        Ok(attr)
+        Ok(self.shown(attr))
     }
 
     /// Reads into `buf` (resized to what was read), so that a caller can
@@ -226,15 +228,18 @@ impl Overlay {
 
 /// The mode without the set-id bits the kernel drops when `caller`, lacking
 /// CAP_FSETID, writes or truncates: set-user-ID always, set-group-ID when
-/// group execution makes it one or the caller is not in the file's group.
+/// group execution makes it one or the caller is not in the file's group
+/// (the group as the merged view shows it: `caller` is the kernel's).
 /// None when nothing changes.
-pub(crate) fn setid_cleared(stat: &FileStat, caller: Caller) -> Option<Mode> {
+pub(crate) fn setid_cleared(stat: &FileStat, caller: Caller, ids: &IdShift) -> Option<Mode> {
     let mode = stat.st_mode;
     if mode & (libc::S_ISUID | libc::S_ISGID) == 0 {
         return None;
     }
     let mut cleared = mode & !libc::S_ISUID;
-    if mode & libc::S_ISGID != 0 && (mode & libc::S_IXGRP != 0 || !caller.in_group(stat.st_gid)) {
+    if mode & libc::S_ISGID != 0
+        && (mode & libc::S_IXGRP != 0 || !caller.in_group(ids.shown_gid(stat.st_gid)))
+    {
         cleared &= !libc::S_ISGID;
     }
     (cleared != mode).then(|| Mode::from_bits_truncate(cleared & 0o7777))
@@ -242,8 +247,8 @@ pub(crate) fn setid_cleared(stat: &FileStat, caller: Caller) -> Option<Mode> {
 
 /// Applies `setid_cleared` to an open file. The daemon has CAP_FSETID, so
 /// its own writes would keep the bits.
-pub(crate) fn clear_setid_bits(file: &std::fs::File, caller: Caller) -> Result<()> {
-    if let Some(mode) = setid_cleared(&fstat(file).sys("fstat")?, caller) {
+pub(crate) fn clear_setid_bits(file: &std::fs::File, caller: Caller, ids: &IdShift) -> Result<()> {
+    if let Some(mode) = setid_cleared(&fstat(file).sys("fstat")?, caller, ids) {
         fchmod(file, mode).sys("fchmod")?;
     }
     Ok(())

@@ -11,6 +11,7 @@ pub mod error;
 mod files;
 mod format;
 pub mod handles;
+pub mod idmap;
 pub mod ino;
 pub mod layer;
 pub mod marker;
@@ -53,6 +54,7 @@ pub use error::{Error, Result};
 pub use files::wants_write;
 use format::UpperFormat;
 pub use handles::{Handles, OpenFile};
+use idmap::IdShift;
 use ino::{InoMapper, ROOT_ID};
 use layer::{Layer, open_beneath};
 use node::{DirLayer, DirStack, Location, Node, NodeState};
@@ -60,7 +62,7 @@ use node_table::{Existing, NodeTable};
 use workdir::WorkDir;
 
 /// The layers to stack. `lowers[0]` is the topmost lower.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct OverlayConfig {
     pub lowers: Vec<PathBuf>,
     pub upper: Option<PathBuf>,
@@ -71,6 +73,12 @@ pub struct OverlayConfig {
     /// Write the upper in kernel overlayfs' `userxattr` format even where
     /// `trusted.*` xattrs could be set.
     pub userxattr: bool,
+    /// How owners stored in the layers are shown (`uidmapping=`, ...).
+    pub ids: IdShift,
+    /// Every directory reports one link (fuse-overlayfs' `static_nlink`).
+    pub static_nlink: bool,
+    /// No POSIX ACLs in the merged view (`noacl`).
+    pub no_acl: bool,
 }
 
 /// The kernel's caches, as far as the core needs to correct them: changes
@@ -110,6 +118,14 @@ pub struct Overlay {
     kernel_cache: std::sync::OnceLock<Box<dyn KernelCache>>,
     /// How markers are written into the upper (probed at mount).
     format: UpperFormat,
+    /// Owners as stored and as shown. The core works with stored ids
+    /// throughout; `shown` translates attributes as they leave it.
+    ids: IdShift,
+    static_nlink: bool,
+    no_acl: bool,
+    /// Attributes leave the core as they are (no id shift, no static_nlink):
+    /// the common case costs one test.
+    attrs_as_stored: bool,
 }
 
 impl Overlay {
@@ -166,6 +182,10 @@ impl Overlay {
             volatile: config.volatile,
             format,
             kernel_cache: std::sync::OnceLock::new(),
+            attrs_as_stored: config.ids.is_identity() && !config.static_nlink,
+            ids: config.ids.clone(),
+            static_nlink: config.static_nlink,
+            no_acl: config.no_acl,
         })
     }
 
@@ -211,9 +231,17 @@ impl Overlay {
     }
 
     /// Resolves `name` in directory `parent` and takes one kernel reference
-    /// on the result. The merged lookup cache answers repeated lookups
-    /// without touching the layers.
+    /// on the result, whose attributes are as the merged view shows them.
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<(Arc<Node>, Attr)> {
+        let (node, attr) = self.lookup_stored(parent, name)?;
+        Ok((node, self.shown(attr)))
+    }
+
+    /// `lookup` with the attributes as stored in the layers (the core's own
+    /// view: copy-up and new objects work with the stored owners). The
+    /// merged lookup cache answers repeated lookups without touching the
+    /// layers.
+    fn lookup_stored(&self, parent: u64, name: &OsStr) -> Result<(Arc<Node>, Attr)> {
         check_name(name)?;
         match self.dentries.get(parent, name) {
             Some(Dentry::Negative) => return Err(Error::new(Errno::ENOENT, "lookup")),
@@ -294,7 +322,7 @@ impl Overlay {
     /// the node keeps one reference while the operation runs, given back
     /// when the guard is dropped.
     pub(crate) fn peek(&self, parent: u64, name: &OsStr) -> Result<Peeked<'_>> {
-        let (node, attr) = self.lookup(parent, name)?;
+        let (node, attr) = self.lookup_stored(parent, name)?;
         Ok(Peeked {
             overlay: self,
             node,
@@ -375,9 +403,48 @@ impl Overlay {
         }
     }
 
+    /// The attributes the merged view shows.
     pub fn getattr(&self, id: u64) -> Result<Attr> {
         let node = self.node(id)?;
-        self.node_attr(&node)
+        Ok(self.shown(self.node_attr(&node)?))
+    }
+
+    /// Attributes as they leave the core: owners shifted or squashed, and
+    /// with `static_nlink` one link for every directory.
+    #[inline]
+    pub(crate) fn shown(&self, mut attr: Attr) -> Attr {
+        if self.attrs_as_stored {
+            return attr;
+        }
+        attr.uid = self.ids.shown_uid(attr.uid);
+        attr.gid = self.ids.shown_gid(attr.gid);
+        if self.static_nlink && attr.is_dir() {
+            attr.nlink = 1;
+        }
+        attr
+    }
+
+    /// The owner, as stored, of what `caller` creates: their ids shifted
+    /// down. EOVERFLOW when no range covers one, as the kernel answers on an
+    /// idmapped mount for a caller it cannot store.
+    pub(crate) fn stored_caller(&self, caller: write::Caller) -> Result<write::Caller> {
+        if self.ids.maps_nothing() {
+            return Ok(caller);
+        }
+        match (self.ids.disk_uid(caller.uid), self.ids.disk_gid(caller.gid)) {
+            (Some(uid), Some(gid)) => Ok(write::Caller { uid, gid, ..caller }),
+            _ => Err(Error::new(Errno::EOVERFLOW, "map caller to a stored owner")),
+        }
+    }
+
+    /// The mapping of owners, for the write paths.
+    pub(crate) fn ids(&self) -> &IdShift {
+        &self.ids
+    }
+
+    /// Whether the mount has POSIX ACLs (not `noacl`).
+    pub(crate) fn acls(&self) -> bool {
+        !self.no_acl
     }
 
     /// Lower layers never change while mounted, so their attributes are
@@ -495,24 +562,40 @@ impl Overlay {
         }
     }
 
+    /// An xattr as the merged view shows it (ids in ACLs and capabilities
+    /// shifted up).
     pub fn getxattr(&self, id: u64, name: &OsStr) -> Result<Vec<u8>> {
         if marker::is_private_xattr(name.as_bytes()) {
             return Err(Error::new(Errno::ENODATA, "getxattr"));
         }
+        self.check_acl_support(name, "getxattr")?;
         let cname =
             CString::new(name.as_bytes()).map_err(|_| Error::new(Errno::EINVAL, "getxattr"))?;
         let node = self.node(id)?;
-        self.with_xattr_target(&node, |t| sys::get_xattr(t, &cname), "getxattr")?
-            .ok_or_else(|| Error::new(Errno::ENODATA, "getxattr"))
+        let value = self
+            .with_xattr_target(&node, |t| sys::get_xattr(t, &cname), "getxattr")?
+            .ok_or_else(|| Error::new(Errno::ENODATA, "getxattr"))?;
+        Ok(self.ids.xattr_to_shown(name.as_bytes(), value))
     }
 
-    /// The NUL-separated xattr names, overlay-private ones left out.
+    /// With `noacl` the ACL xattrs do not exist for the merged view, as on
+    /// a filesystem mounted without ACL support.
+    pub(crate) fn check_acl_support(&self, name: &OsStr, op: &'static str) -> Result<()> {
+        if self.no_acl && acl::is_acl_xattr(name.as_bytes()) {
+            return Err(Error::new(Errno::EOPNOTSUPP, op));
+        }
+        Ok(())
+    }
+
+    /// The NUL-separated xattr names, overlay-private ones (and with
+    /// `noacl` the ACLs) left out.
     pub fn listxattr(&self, id: u64) -> Result<Vec<u8>> {
         let node = self.node(id)?;
         let raw = self.with_xattr_target(&node, sys::list_xattr, "listxattr")?;
         let mut out = Vec::with_capacity(raw.len());
         for name in raw.split(|b| *b == 0).filter(|n| !n.is_empty()) {
-            if !marker::is_private_xattr(name) {
+            let hidden_acl = self.no_acl && acl::is_acl_xattr(name);
+            if !marker::is_private_xattr(name) && !hidden_acl {
                 out.extend_from_slice(name);
                 out.push(0);
             }

@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, RwLock};
@@ -28,6 +28,8 @@ pub struct DirLayer {
     /// The names this directory whites out with OCI `.wh.NAME` entries, read
     /// once on the first lookup that misses here (lower layers never change).
     oci_whiteouts: OnceLock<HashSet<OsString>>,
+    /// This mount wrote an xattr whiteout here (after `marks` were read).
+    xwhiteouts_written: AtomicBool,
 }
 
 impl DirLayer {
@@ -51,6 +53,7 @@ impl DirLayer {
             marks,
             oci,
             oci_whiteouts: OnceLock::new(),
+            xwhiteouts_written: AtomicBool::new(false),
         }
     }
 
@@ -62,7 +65,17 @@ impl DirLayer {
             marks,
             oci,
             oci_whiteouts: OnceLock::new(),
+            xwhiteouts_written: AtomicBool::new(false),
         }
+    }
+
+    /// Zero-size files with a whiteout xattr are whiteouts here.
+    pub fn holds_xwhiteouts(&self) -> bool {
+        self.marks.xwhiteouts || self.xwhiteouts_written.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn note_xwhiteouts(&self) {
+        self.xwhiteouts_written.store(true, Ordering::Relaxed);
     }
 
     pub fn fd(&self) -> Result<DirFd> {

@@ -162,7 +162,7 @@ impl Overlay {
 fn classify(dl: &DirLayer, name: &OsStr, kind: Option<FileKind>) -> Result<(FileKind, bool)> {
     let needs_stat = match kind {
         None | Some(FileKind::CharDevice) => true,
-        Some(FileKind::Regular) => dl.marks.xwhiteouts,
+        Some(FileKind::Regular) => dl.holds_xwhiteouts(),
         Some(_) => false,
     };
     if !needs_stat {

@@ -423,7 +423,7 @@ impl Overlay {
         )
         .sys("renameat2")?;
         if whiteout {
-            self.make_whiteout(src_dir.fd()?.as_fd(), name)?;
+            self.make_whiteout(src_dir.fd()?.as_fd(), name, src_dir)?;
         }
         Ok(())
     }

@@ -78,7 +78,7 @@ pub fn is_whiteout(dl: &DirLayer, name: &OsStr, attr: &Attr) -> Result<bool> {
     if marker::is_chardev_whiteout(attr) {
         return Ok(true);
     }
-    if dl.marks.xwhiteouts && attr.kind() == FileKind::Regular && attr.size == 0 {
+    if dl.holds_xwhiteouts() && attr.kind() == FileKind::Regular && attr.size == 0 {
         return marker::is_xattr_whiteout(dl.fd()?.as_fd(), name);
     }
     Ok(false)
@@ -331,7 +331,7 @@ mod tests {
             upper: Some(layers.join("u")),
             work: Some(layers.join("work")),
             volatile: false,
-            userxattr: false,
+            ..Default::default()
         })
         .unwrap()
     }

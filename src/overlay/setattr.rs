@@ -43,7 +43,9 @@ pub struct SetAttr {
 
 impl Overlay {
     /// setattr: copy-up, then chown, truncate, chmod, utimens on the upper.
+    /// The owner is given as the merged view shows it.
     pub fn setattr(&self, id: u64, set: SetAttr, fh: Option<u64>) -> Result<Attr> {
+        let set = self.stored_owner(set)?;
         let node = self.node(id)?;
         if node.is_unlinked() {
             return self.setattr_unlinked(&node, set, fh);
@@ -59,15 +61,18 @@ impl Overlay {
         let dirfd = dirfd.as_fd();
         let ctx = |e: Error| e.with_path(node.path());
         if set.uid.is_some() || set.gid.is_some() {
-            fchownat(
+            let chowned = fchownat(
                 dirfd,
                 name.as_os_str(),
                 set.uid.map(Uid::from_raw),
                 set.gid.map(Gid::from_raw),
                 AtFlags::AT_SYMLINK_NOFOLLOW,
-            )
-            .sys("fchownat")
-            .map_err(ctx)?;
+            );
+            if let Err(e) = chowned
+                && !self.chown_error_ignored(e)
+            {
+                return Err(e).sys("fchownat").map_err(ctx);
+            }
         }
         if let Some(size) = set.size {
             let file = match fh.and_then(|fh| self.handles.file(fh)) {
@@ -87,7 +92,7 @@ impl Overlay {
                 nix::sys::stat::fstatat(dirfd, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
                     .sys("fstatat")
                     .map_err(ctx)?;
-            if let Some(mode) = setid_cleared(&stat, caller) {
+            if let Some(mode) = setid_cleared(&stat, caller, self.ids()) {
                 fchmodat(dirfd, name.as_os_str(), mode, FchmodatFlags::FollowSymlink)
                     .sys("fchmodat")
                     .map_err(ctx)?;
@@ -122,6 +127,22 @@ impl Overlay {
         self.getattr(id)
     }
 
+    /// `set` with the owner shifted down to the stored ids; EOVERFLOW for
+    /// one no range covers, as the kernel answers on an idmapped mount.
+    fn stored_owner(&self, mut set: SetAttr) -> Result<SetAttr> {
+        if self.ids().maps_nothing() {
+            return Ok(set);
+        }
+        let unmapped = || Error::new(Errno::EOVERFLOW, "setattr: map owner to a stored one");
+        if let Some(uid) = set.uid {
+            set.uid = Some(self.ids().disk_uid(uid).ok_or_else(unmapped)?);
+        }
+        if let Some(gid) = set.gid {
+            set.gid = Some(self.ids().disk_gid(gid).ok_or_else(unmapped)?);
+        }
+        Ok(set)
+    }
+
     /// setattr of a file whose last name is gone: through an open handle.
     fn setattr_unlinked(&self, node: &Arc<Node>, set: SetAttr, fh: Option<u64>) -> Result<Attr> {
         let open = fh
@@ -130,18 +151,22 @@ impl Overlay {
             .ok_or_else(|| Error::new(Errno::ENOENT, "setattr(unlinked)"))?;
         let file = open.file();
         if set.uid.is_some() || set.gid.is_some() {
-            nix::unistd::fchown(
+            let chowned = nix::unistd::fchown(
                 &*file,
                 set.uid.map(Uid::from_raw),
                 set.gid.map(Gid::from_raw),
-            )
-            .sys("fchown")?;
+            );
+            if let Err(e) = chowned
+                && !self.chown_error_ignored(e)
+            {
+                return Err(e).sys("fchown");
+            }
         }
         if let Some(size) = set.size {
             ftruncate(&*file, size as i64).sys("ftruncate")?;
         }
         if let Some(caller) = set.drop_setid {
-            clear_setid_bits(&file, caller)?;
+            clear_setid_bits(&file, caller, self.ids())?;
         }
         if let Some(mode) = set.mode {
             nix::sys::stat::fchmod(&*file, Mode::from_bits_truncate(mode & 0o7777))

@@ -30,7 +30,7 @@ pub(crate) fn overlay(upper: Option<&Path>, lowers: &[&Path]) -> Overlay {
         upper: upper.map(Path::to_path_buf),
         work: upper.map(|u| u.with_extension("work")),
         volatile: false,
-        userxattr: false,
+        ..Default::default()
     })
     .unwrap()
 }

@@ -25,7 +25,8 @@ use super::node::{DirLayer, DirStack, Node};
 use super::resolve::{self, Probe};
 use crate::sys::{self, XattrTarget};
 
-/// Who asks: new objects belong to them.
+/// Who asks: new objects belong to them. The ids are the kernel's, as the
+/// merged view shows owners; `Overlay::stored_caller` gives the ids to store.
 #[derive(Debug, Clone, Copy)]
 pub struct Caller {
     pub uid: u32,
@@ -84,10 +85,13 @@ impl Overlay {
         object: NewObject<'_>,
         caller: Caller,
     ) -> Result<Created> {
+        // Refused before anything changes: an owner the mapping cannot store.
+        let stored_caller = self.stored_caller(caller)?;
         let parent_node = self.node(parent)?;
         let stack = self.upper_dir(&parent_node)?;
         let upper = stack.top();
-        let (object, default_acl) = acl::prepare(object, caller.umask, upper.fd()?.as_fd())?;
+        let (object, default_acl) =
+            acl::prepare(object, caller.umask, upper.fd()?.as_fd(), self.acls())?;
         if let NewObject::Special { mode, rdev: 0 } = object
             && mode & libc::S_IFMT == libc::S_IFCHR
         {
@@ -99,8 +103,8 @@ impl Overlay {
         }
         let over_whiteout = upper_whiteout_at(upper, name)?;
         let work = self.work()?;
-        let parent_attr = self.getattr(parent)?;
-        let owner = owner_for(caller, &parent_attr);
+        let parent_attr = self.node_attr(&parent_node)?;
+        let owner = owner_for(stored_caller, &parent_attr);
 
         let file = if over_whiteout {
             // Build it in the work dir, then swap it with the whiteout; the
@@ -214,14 +218,18 @@ impl Overlay {
             }
         }
         if owner != owner_as_created(parent_attr) {
-            fchownat(
+            let chowned = fchownat(
                 dir,
                 name,
                 Some(Uid::from_raw(owner.0)),
                 Some(Gid::from_raw(owner.1)),
                 AtFlags::AT_SYMLINK_NOFOLLOW,
-            )
-            .sys("fchownat")?;
+            );
+            if let Err(e) = chowned
+                && !self.chown_error_ignored(e)
+            {
+                return Err(e).sys("fchownat");
+            }
             // chown clears set-id bits; put the requested mode back.
             if let Some(m) = mode
                 && m & (libc::S_ISUID | libc::S_ISGID) != 0
@@ -259,7 +267,7 @@ impl Overlay {
             // way in one step, then clear it in the work dir.
             let tmp = TempEntry::new(work);
             if needs_whiteout {
-                self.make_whiteout(tmp.fd(), &tmp.name)?;
+                self.make_whiteout(tmp.fd(), &tmp.name, upper)?;
                 tmp.swap_with(upper, name).map_err(ctx)?;
             } else if !remove_empty_dir(upper, name).map_err(ctx)? {
                 // It holds whiteouts. (An empty one is removed in place: a
@@ -278,7 +286,7 @@ impl Overlay {
         } else if child_in_upper {
             if needs_whiteout {
                 let mut tmp = TempEntry::new(work);
-                self.make_whiteout(tmp.fd(), &tmp.name)?;
+                self.make_whiteout(tmp.fd(), &tmp.name, upper)?;
                 renameat2(
                     tmp.fd(),
                     tmp.name.as_os_str(),
@@ -295,7 +303,8 @@ impl Overlay {
                     .map_err(ctx)?;
             }
         } else {
-            self.make_whiteout(upper.fd()?.as_fd(), name).map_err(ctx)?;
+            self.make_whiteout(upper.fd()?.as_fd(), name, upper)
+                .map_err(ctx)?;
         }
         if child.remove_name(parent, name) {
             // Other names of the file see its link count drop.
@@ -347,12 +356,31 @@ impl Overlay {
         self.format.whiteouts == WhiteoutForm::CharDevice
     }
 
-    /// Writes a whiteout at `dir/name` in the upper's format: a 0/0
-    /// character device, or where the daemon may not mknod one, the xattr
-    /// form kernel overlayfs reads since 6.7.
-    pub fn make_whiteout(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+    /// Writes a whiteout at `dir/name` in the upper's format, for the upper
+    /// directory `lands_in` (`dir` itself, or the work dir it is built in):
+    /// a 0/0 character device, or where the daemon may not mknod one, the
+    /// xattr form kernel overlayfs reads since 6.7, which only counts in a
+    /// directory marked as holding such whiteouts.
+    pub fn make_whiteout(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        lands_in: &DirLayer,
+    ) -> Result<()> {
         if self.chardev_whiteouts() {
             return mknodat(dir, name, SFlag::S_IFCHR, Mode::empty(), 0).sys("mknodat(whiteout)");
+        }
+        if !lands_in.holds_xwhiteouts() {
+            // Marked first: an unmarked directory would show the whiteout
+            // as an empty file.
+            sys::set_xattr(
+                XattrTarget::Fd(lands_in.fd()?.as_fd()),
+                self.format.opaque_xattr(),
+                b"x",
+                0,
+            )
+            .sys("setxattr(xwhiteouts)")?;
+            lands_in.note_xwhiteouts();
         }
         let fd = open_beneath(dir, name, OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY)
             .sys("create(whiteout)")?;
@@ -363,13 +391,18 @@ impl Overlay {
             b"y",
             0,
         )
-        .sys("setxattr(whiteout)")?;
-        sys::set_xattr(XattrTarget::Fd(dir), self.format.opaque_xattr(), b"x", 0)
-            .sys("setxattr(xwhiteouts)")
+        .sys("setxattr(whiteout)")
     }
 
     pub(super) fn mark_opaque(&self, target: XattrTarget<'_>) -> Result<()> {
         sys::set_xattr(target, self.format.opaque_xattr(), b"y", 0).sys("setxattr(opaque)")
+    }
+
+    /// With squashing, every object shows the squash owner whatever is
+    /// stored, so a chown the daemon may not do (an unprivileged mount, an
+    /// id outside its namespace) is left out, as fuse-overlayfs does.
+    pub(super) fn chown_error_ignored(&self, e: Errno) -> bool {
+        self.ids().squashes() && matches!(e, Errno::EPERM | Errno::EINVAL)
     }
 
     pub(super) fn forget_dentry(&self, parent: u64, name: &OsStr) {

@@ -22,6 +22,7 @@ use nix::sys::stat::Mode;
 
 use super::attr::Attr;
 use super::error::Result;
+use super::idmap::{IdMap, IdShift, Squash};
 use super::ino::ROOT_ID;
 use super::test_layers::write;
 use super::write::{Caller, NewObject, RenameMode, SetAttr, SetTime};
@@ -69,12 +70,24 @@ impl Layers {
     /// The core on these layers. The work dir is locked while it lives:
     /// drop it before making another.
     fn overlay(&self) -> Overlay {
+        self.overlay_with(OverlayConfig::default())
+    }
+
+    /// The core writing the upper in the `userxattr` format, or not.
+    fn userxattr_overlay(&self, userxattr: bool) -> Overlay {
+        self.overlay_with(OverlayConfig {
+            userxattr,
+            ..Default::default()
+        })
+    }
+
+    /// The core on these layers with `options` (its layers are replaced).
+    fn overlay_with(&self, options: OverlayConfig) -> Overlay {
         Overlay::new(&OverlayConfig {
             lowers: vec![self.lower.clone()],
             upper: Some(self.upper.clone()),
             work: Some(self.work.clone()),
-            volatile: false,
-            userxattr: false,
+            ..options
         })
         .unwrap()
     }
@@ -760,4 +773,317 @@ fn removexattr_of_a_missing_xattr_fails_with_enodata_and_copies_nothing() {
 
     assert!(on_disk(&l.upper).is_empty(), "something was copied up");
     assert!(l.work_entries().is_empty());
+}
+
+/// `uidmapping=0:100000:65536,gidmapping=0:200000:65536`.
+fn shifted() -> OverlayConfig {
+    OverlayConfig {
+        ids: IdShift::new(
+            IdMap::parse("0:100000:65536").unwrap(),
+            IdMap::parse("0:200000:65536").unwrap(),
+            Squash::default(),
+            (65534, 65533),
+        ),
+        ..OverlayConfig::default()
+    }
+}
+
+fn chown(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).unwrap();
+}
+
+#[test]
+fn mapped_ids_are_shown_and_caller_ids_are_stored_shifted_down() {
+    let l = Layers::new();
+    write(&l.lower("d/f"), b"data");
+    chown(&l.lower("d"), 1, 2);
+    chown(&l.lower("d/f"), 1000, 70000);
+    let lower = tree(&l.lower);
+    let ov = l.overlay_with(shifted());
+
+    let (_, d) = lookup(&ov, "d").unwrap();
+    assert_eq!((d.uid, d.gid), (100001, 200002));
+    let (f, attr) = lookup(&ov, "d/f").unwrap();
+    assert_eq!((attr.uid, attr.gid), (101000, 65533), "unmapped gid");
+    assert_eq!(
+        ov.getattr(f).map(|a| (a.uid, a.gid)).unwrap(),
+        (101000, 65533)
+    );
+
+    // The kernel's caller ids are the shown ones.
+    let caller = Caller {
+        uid: 100005,
+        gid: 200006,
+        ..CALLER
+    };
+    let created = ov
+        .create(id(&ov, "d"), OsStr::new("new"), new_dir(), caller)
+        .unwrap();
+    assert_eq!((created.attr.uid, created.attr.gid), (100005, 200006));
+    let m = fs::symlink_metadata(l.upper("d/new")).unwrap();
+    assert_eq!((m.uid(), m.gid()), (5, 6));
+    // Copy-up kept the stored owner of the parent.
+    let m = fs::symlink_metadata(l.upper("d")).unwrap();
+    assert_eq!((m.uid(), m.gid()), (1, 2));
+
+    let attr = ov
+        .setattr(
+            f,
+            SetAttr {
+                uid: Some(100007),
+                gid: Some(200008),
+                ..SetAttr::default()
+            },
+            None,
+        )
+        .unwrap();
+    assert_eq!((attr.uid, attr.gid), (100007, 200008));
+    let m = fs::symlink_metadata(l.upper("d/f")).unwrap();
+    assert_eq!((m.uid(), m.gid()), (7, 8));
+
+    // Ids no range covers are never stored.
+    let outsider = Caller { uid: 5, ..caller };
+    let err = ov
+        .create(id(&ov, "d"), OsStr::new("no"), new_file(), outsider)
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(err.errno(), Errno::EOVERFLOW);
+    assert!(!exists(&l.upper("d/no")));
+    let err = ov
+        .setattr(
+            f,
+            SetAttr {
+                gid: Some(0),
+                ..SetAttr::default()
+            },
+            None,
+        )
+        .unwrap_err();
+    assert_eq!(err.errno(), Errno::EOVERFLOW);
+    assert_eq!(fs::symlink_metadata(l.upper("d/f")).unwrap().gid(), 8);
+
+    assert_eq!(tree(&l.lower), lower, "lower changed");
+    assert!(l.work_entries().is_empty());
+}
+
+#[test]
+fn acl_ids_are_stored_shifted_down_and_shown_shifted_up() {
+    let l = Layers::new();
+    write(&l.lower("f"), b"");
+    let ov = l.overlay_with(shifted());
+    let f = id(&ov, "f");
+    // user::rw- user:100005:r-- group::r-- mask::r-- other::---
+    let entry = |tag: u16, perm: u16, id: u32| {
+        [
+            &tag.to_le_bytes()[..],
+            &perm.to_le_bytes(),
+            &id.to_le_bytes(),
+        ]
+        .concat()
+    };
+    let acl = |user: u32| {
+        [
+            2u32.to_le_bytes().to_vec(),
+            entry(0x01, 6, u32::MAX),
+            entry(0x02, 4, user),
+            entry(0x04, 4, u32::MAX),
+            entry(0x10, 4, u32::MAX),
+            entry(0x20, 0, u32::MAX),
+        ]
+        .concat()
+    };
+    let name = OsStr::new("system.posix_acl_access");
+    ov.setxattr(f, name, &acl(100005), 0).unwrap();
+    assert_eq!(
+        xattr(&l.upper("f"), "system.posix_acl_access"),
+        Some(acl(5))
+    );
+    assert_eq!(ov.getxattr(f, name).unwrap(), acl(100005));
+    let err = ov.setxattr(f, name, &acl(5), 0).unwrap_err();
+    assert_eq!(err.errno(), Errno::EINVAL);
+    assert_eq!(
+        xattr(&l.upper("f"), "system.posix_acl_access"),
+        Some(acl(5))
+    );
+}
+
+#[test]
+fn squashing_shows_one_owner_and_stores_the_callers() {
+    let l = Layers::new();
+    write(&l.lower("f"), b"");
+    chown(&l.lower("f"), 1, 2);
+    let ov = l.overlay_with(OverlayConfig {
+        ids: IdShift::new(
+            IdMap::default(),
+            IdMap::default(),
+            Squash::new(true, None, Some(50)),
+            (65534, 65534),
+        ),
+        ..OverlayConfig::default()
+    });
+    let (_, attr) = lookup(&ov, "f").unwrap();
+    assert_eq!((attr.uid, attr.gid), (0, 50));
+    let attr = create(&ov, "", "new", new_file());
+    assert_eq!((attr.uid, attr.gid), (0, 50));
+    let m = fs::symlink_metadata(l.upper("new")).unwrap();
+    assert_eq!((m.uid(), m.gid()), (CALLER.uid, CALLER.gid));
+}
+
+#[test]
+fn static_nlink_gives_every_directory_one_link() {
+    let l = Layers::new();
+    mkdir(&l.lower("d/sub1"));
+    mkdir(&l.lower("d/sub2"));
+    write(&l.lower("f"), b"");
+    let plain = l.overlay();
+    assert_eq!(lookup(&plain, "d").unwrap().1.nlink, 4);
+    drop(plain);
+    let ov = l.overlay_with(OverlayConfig {
+        static_nlink: true,
+        ..OverlayConfig::default()
+    });
+    assert_eq!(lookup(&ov, "d").unwrap().1.nlink, 1);
+    assert_eq!(lookup(&ov, "d/sub1").unwrap().1.nlink, 1);
+    assert_eq!(ov.getattr(ROOT_ID).unwrap().nlink, 1);
+    assert_eq!(lookup(&ov, "f").unwrap().1.nlink, 1);
+    assert_eq!(create(&ov, "d", "new", new_dir()).nlink, 1);
+}
+
+#[test]
+fn noacl_hides_acls_and_applies_the_umask() {
+    let l = Layers::new();
+    write(&l.lower("f"), b"");
+    mkdir(&l.lower("d"));
+    // setfacl -d -m u::rwx,g::rwx,o::rwx d: without noacl it overrides the umask.
+    let entry = |tag: u16, perm: u16| {
+        [
+            &tag.to_le_bytes()[..],
+            &perm.to_le_bytes(),
+            &u32::MAX.to_le_bytes(),
+        ]
+        .concat()
+    };
+    let default_acl = [
+        2u32.to_le_bytes().to_vec(),
+        entry(0x01, 7),
+        entry(0x04, 7),
+        entry(0x20, 7),
+    ]
+    .concat();
+    sys::set_xattr(
+        XattrTarget::Fd(fs::File::open(l.lower("d")).unwrap().as_fd()),
+        c"system.posix_acl_default",
+        &default_acl,
+        0,
+    )
+    .unwrap();
+    let ov = l.overlay_with(OverlayConfig {
+        no_acl: true,
+        ..OverlayConfig::default()
+    });
+    let (f, d) = (id(&ov, "f"), id(&ov, "d"));
+    for name in ["system.posix_acl_access", "system.posix_acl_default"] {
+        let name = OsStr::new(name);
+        assert_eq!(ov.getxattr(d, name).unwrap_err().errno(), Errno::EOPNOTSUPP);
+        assert_eq!(
+            ov.setxattr(f, name, &default_acl, 0).unwrap_err().errno(),
+            Errno::EOPNOTSUPP
+        );
+        assert_eq!(
+            ov.removexattr(d, name).unwrap_err().errno(),
+            Errno::EOPNOTSUPP
+        );
+    }
+    assert!(
+        !ov.listxattr(d)
+            .unwrap()
+            .split(|b| *b == 0)
+            .any(|n| n.starts_with(b"system.posix_acl"))
+    );
+    // d is copied up by the create; the umask applies, not the default ACL.
+    let attr = create(&ov, "d", "new", new_file());
+    assert_eq!(attr.mode & 0o777, 0o644);
+    assert!(
+        on_disk(&l.upper).iter().all(|n| n == "d"),
+        "nothing else copied up"
+    );
+}
+
+#[test]
+fn the_userxattr_format_marks_with_user_xattrs_and_keeps_merged_dirs_in_place() {
+    let l = Layers::new();
+    write(&l.lower("d/x"), b"");
+    write(&l.lower("m/y"), b"");
+    let lower = tree(&l.lower);
+    let ov = l.userxattr_overlay(true);
+
+    // Deleted and made again: opaque, in the user namespace only.
+    remove(&ov, "d", "x", false).unwrap();
+    remove(&ov, "", "d", true).unwrap();
+    create(&ov, "", "d", new_dir());
+    assert_eq!(
+        xattr(&l.upper("d"), "user.overlay.opaque").as_deref(),
+        Some(&b"y"[..])
+    );
+    assert_eq!(opaque(&l.upper("d")), None);
+    assert!(listing(&ov, "d").is_empty());
+    // Made in a merged directory: no mark, as the kernel without redirects.
+    create(&ov, "m", "new", new_dir());
+    assert_eq!(xattr(&l.upper("m/new"), "user.overlay.opaque"), None);
+
+    // A directory lower layers contribute to does not move; one only in
+    // the upper does, and a file does.
+    let err = rename(&ov, ("", "m"), ("", "m2"), RenameMode::Replace).unwrap_err();
+    assert_eq!(err.errno(), Errno::EXDEV);
+    rename(&ov, ("", "d"), ("", "d2"), RenameMode::Replace).unwrap();
+    rename(&ov, ("m", "y"), ("", "y2"), RenameMode::Replace).unwrap();
+    assert_eq!(listing(&ov, "m"), ["new"]);
+    assert!(is_dir(&l.upper("d2")));
+    assert_eq!(redirect(&l.upper("d2")), None);
+    assert_eq!(xattr(&l.upper("d2"), "user.overlay.redirect"), None);
+    assert_eq!(tree(&l.lower), lower, "lower changed");
+    assert!(l.work_entries().is_empty());
+}
+
+#[test]
+fn xattr_whiteouts_where_whiteout_devices_are_refused() {
+    let l = Layers::new();
+    write(&l.lower("d/gone"), b"");
+    write(&l.lower("d/kept"), b"");
+    write(&l.lower("e/x"), b"");
+    for userxattr in [false, true] {
+        let _ = fs::remove_dir_all(&l.upper);
+        mkdir(&l.upper);
+        let mut ov = l.userxattr_overlay(userxattr);
+        // As where mknod of a whiteout fails (the probe found it so).
+        ov.format.whiteouts = super::format::WhiteoutForm::Xattr;
+        let ns = if userxattr { "user" } else { "trusted" };
+
+        remove(&ov, "d", "gone", false).unwrap();
+
+        let whiteout = l.upper("d/gone");
+        assert!(fs::symlink_metadata(&whiteout).unwrap().is_file());
+        assert_eq!(fs::metadata(&whiteout).unwrap().len(), 0);
+        assert!(xattr(&whiteout, &format!("{ns}.overlay.whiteout")).is_some());
+        assert_eq!(
+            xattr(&l.upper("d"), &format!("{ns}.overlay.opaque")).as_deref(),
+            Some(&b"x"[..]),
+            "its directory holds xattr whiteouts"
+        );
+        assert_eq!(lookup_errno(&ov, "d/gone"), Errno::ENOENT);
+        assert_eq!(listing(&ov, "d"), ["kept"]);
+        // Built in the work dir and swapped in: a whiteout for an upper
+        // directory that held one itself.
+        remove(&ov, "e", "x", false).unwrap();
+        remove(&ov, "", "e", true).unwrap();
+        assert_eq!(lookup_errno(&ov, "e"), Errno::ENOENT);
+        assert_eq!(listing(&ov, ""), ["d"]);
+        drop(ov);
+        // A fresh mount reads them too, and the directory still merges.
+        let ov = l.userxattr_overlay(userxattr);
+        assert_eq!(lookup_errno(&ov, "d/gone"), Errno::ENOENT);
+        assert_eq!(listing(&ov, "d"), ["kept"]);
+        assert_eq!(listing(&ov, ""), ["d"]);
+        assert!(l.work_entries().is_empty());
+    }
 }

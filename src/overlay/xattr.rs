@@ -1,5 +1,6 @@
 //! Extended attributes set or removed through the merged tree: the object
-//! is copied up first; overlay-private names are never reachable.
+//! is copied up first; overlay-private names are never reachable; ids in
+//! ACLs and capabilities are stored as the id mapping says.
 
 use std::ffi::{CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
@@ -13,8 +14,16 @@ use super::marker;
 use crate::sys;
 
 impl Overlay {
+    /// Sets an xattr given as the merged view shows it: ids in ACLs and
+    /// capabilities are shifted down to the stored ones first.
     pub fn setxattr(&self, id: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
         let cname = private_checked(name, "setxattr")?;
+        self.check_acl_support(name, "setxattr")?;
+        let stored = self
+            .ids()
+            .xattr_to_disk(name.as_bytes(), value)
+            .map_err(|e| Error::new(e, "setxattr: map ids to stored ones"))?;
+        let value = stored.as_deref().unwrap_or(value);
         let node = self.node(id)?;
         self.copy_up(&node, CopyData::All)?;
         self.with_xattr_target(
@@ -26,6 +35,7 @@ impl Overlay {
 
     pub fn removexattr(&self, id: u64, name: &OsStr) -> Result<()> {
         let cname = private_checked(name, "removexattr")?;
+        self.check_acl_support(name, "removexattr")?;
         let node = self.node(id)?;
         // Nothing to copy up for an xattr the object does not have.
         self.getxattr(id, name)?;
