@@ -12,6 +12,7 @@ use crate::overlay::KernelCache;
 
 enum Invalidation {
     Attr(u64),
+    Entry(u64, std::ffi::OsString),
 }
 
 pub struct AsyncNotifier {
@@ -28,6 +29,9 @@ impl AsyncNotifier {
                     // ENOENT: the kernel does not hold that node or name.
                     let _ = match item {
                         Invalidation::Attr(id) => notifier.inval_inode(INodeNo(id), -1, 0),
+                        Invalidation::Entry(parent, name) => {
+                            notifier.inval_entry(INodeNo(parent), &name)
+                        }
                     };
                 }
             })?;
@@ -40,5 +44,12 @@ impl AsyncNotifier {
 impl KernelCache for AsyncNotifier {
     fn invalidate_attr(&self, id: u64) {
         let _ = self.queue.lock().send(Invalidation::Attr(id));
+    }
+
+    fn invalidate_entry(&self, parent: u64, name: &std::ffi::OsStr) {
+        let _ = self
+            .queue
+            .lock()
+            .send(Invalidation::Entry(parent, name.to_os_string()));
     }
 }
