@@ -151,7 +151,6 @@ const MAX_WRITE: usize = 1 << 20;
 /// A classic read buffer: the largest request (a WRITE of max_write) and
 /// its headers.
 const READ_BUF: usize = MAX_WRITE + 4096;
-const TTL_SECS: u64 = 1;
 
 fn u32_at(b: &[u8], o: usize) -> u32 {
     u32::from_le_bytes(b[o..o + 4].try_into().unwrap())
@@ -324,6 +323,8 @@ struct Fs {
     /// Requests that came over a ring rather than read(2).
     ring_requests: AtomicU64,
     getxattr_enosys: bool,
+    /// Seconds the kernel may cache entries and attributes.
+    ttl: u64,
 }
 
 fn put_attr(out: &mut Vec<u8>, ino: u64, n: &Node) {
@@ -346,26 +347,26 @@ fn put_attr(out: &mut Vec<u8>, ino: u64, n: &Node) {
 }
 
 /// fuse_entry_out
-fn put_entry(out: &mut Vec<u8>, ino: u64, n: &Node) {
+fn put_entry(out: &mut Vec<u8>, ttl: u64, ino: u64, n: &Node) {
     put64(out, ino);
     put64(out, 0); // generation
-    put64(out, TTL_SECS);
-    put64(out, TTL_SECS);
+    put64(out, ttl);
+    put64(out, ttl);
     put32(out, 0);
     put32(out, 0);
     put_attr(out, ino, n);
 }
 
 /// fuse_attr_out
-fn put_attr_out(out: &mut Vec<u8>, ino: u64, n: &Node) {
-    put64(out, TTL_SECS);
+fn put_attr_out(out: &mut Vec<u8>, ttl: u64, ino: u64, n: &Node) {
+    put64(out, ttl);
     put32(out, 0);
     put32(out, 0);
     put_attr(out, ino, n);
 }
 
 impl Fs {
-    fn new(getxattr_enosys: bool) -> Fs {
+    fn new(getxattr_enosys: bool, ttl: u64) -> Fs {
         let mut root = Node::new(libc::S_IFDIR | 0o755, 0, 0);
         root.lookups = 1;
         Fs {
@@ -378,6 +379,7 @@ impl Fs {
             counts: (0..64).map(|_| AtomicU64::new(0)).collect(),
             ring_requests: AtomicU64::new(0),
             getxattr_enosys,
+            ttl,
         }
     }
 
@@ -485,7 +487,7 @@ impl Fs {
                 let ino = s.child(h.nodeid, name)?;
                 let node = s.nodes.get_mut(&ino).unwrap();
                 node.lookups += 1;
-                put_entry(out, ino, node);
+                put_entry(out, self.ttl, ino, node);
             }
             abi::FORGET => {
                 s.forget(h.nodeid, u64_at(arg, 0));
@@ -501,7 +503,7 @@ impl Fs {
             abi::INTERRUPT => return Ok(None),
             abi::GETATTR => {
                 let node = s.nodes.get(&h.nodeid).ok_or(Errno::ENOENT)?;
-                put_attr_out(out, h.nodeid, node);
+                put_attr_out(out, self.ttl, h.nodeid, node);
             }
             abi::SETATTR => {
                 let node = s.nodes.get_mut(&h.nodeid).ok_or(Errno::ENOENT)?;
@@ -537,7 +539,7 @@ impl Fs {
                     };
                 }
                 node.ctime = now;
-                put_attr_out(out, h.nodeid, node);
+                put_attr_out(out, self.ttl, h.nodeid, node);
             }
             abi::READLINK => {
                 let node = s.nodes.get(&h.nodeid).ok_or(Errno::ENOENT)?;
@@ -550,7 +552,7 @@ impl Fs {
                 let node = s.nodes.get_mut(&ino).unwrap();
                 node.target = target.to_vec();
                 node.size = target.len() as u64;
-                put_entry(out, ino, node);
+                put_entry(out, self.ttl, ino, node);
             }
             abi::MKNOD | abi::MKDIR | abi::CREATE => {
                 let (mode, umask) = match h.opcode {
@@ -560,7 +562,7 @@ impl Fs {
                 };
                 let (name, _) = name_at(rest);
                 let (ino, node) = self.new_node(s, h, name, mode & !(umask & 0o777))?;
-                put_entry(out, ino, node);
+                put_entry(out, self.ttl, ino, node);
                 if h.opcode == abi::CREATE {
                     put64(out, 0); // fh
                     put32(out, 0); // open_flags
@@ -625,7 +627,7 @@ impl Fs {
                 node.nlink += 1;
                 node.lookups += 1;
                 node.ctime = Time::now();
-                put_entry(out, old, node);
+                put_entry(out, self.ttl, old, node);
             }
             abi::OPEN => {
                 put64(out, 0);
@@ -1049,6 +1051,10 @@ struct Args {
     /// ENODATA (as unionfs, whose request mix this otherwise follows).
     #[arg(long)]
     getxattr_enosys: bool,
+    /// Seconds the kernel may cache entries and attributes (0: every
+    /// stat is a GETATTR, to time single round trips).
+    #[arg(long, default_value_t = 1)]
+    ttl: u64,
 }
 
 fn mount(dev: &OwnedFd, mountpoint: &std::path::Path) -> Result<(), String> {
@@ -1076,7 +1082,7 @@ fn main() -> std::process::ExitCode {
         eprintln!("fuse_transport: /sys/module/fuse/parameters/enable_uring is not Y");
         return std::process::ExitCode::FAILURE;
     }
-    let fs = Arc::new(Fs::new(args.getxattr_enosys));
+    let fs = Arc::new(Fs::new(args.getxattr_enosys, args.ttl));
     let gate = Arc::new(Gate {
         open: Mutex::new(None),
         cond: Condvar::new(),
