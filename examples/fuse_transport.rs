@@ -522,21 +522,23 @@ impl Fs {
                     node.size = u64_at(arg, 16);
                     node.mtime = now;
                 }
-                if valid & abi::FATTR_ATIME_NOW != 0 {
-                    node.atime = now;
-                } else if valid & abi::FATTR_ATIME != 0 {
-                    node.atime = Time {
-                        sec: u64_at(arg, 32),
-                        nsec: u32_at(arg, 56),
-                    };
+                // A time to set: now, or the one at these offsets of
+                // fuse_setattr_in.
+                let time = |given: u32, to_now: u32, sec: usize, nsec: usize| {
+                    if valid & to_now != 0 {
+                        Some(now)
+                    } else {
+                        (valid & given != 0).then(|| Time {
+                            sec: u64_at(arg, sec),
+                            nsec: u32_at(arg, nsec),
+                        })
+                    }
+                };
+                if let Some(t) = time(abi::FATTR_ATIME, abi::FATTR_ATIME_NOW, 32, 56) {
+                    node.atime = t;
                 }
-                if valid & abi::FATTR_MTIME_NOW != 0 {
-                    node.mtime = now;
-                } else if valid & abi::FATTR_MTIME != 0 {
-                    node.mtime = Time {
-                        sec: u64_at(arg, 40),
-                        nsec: u32_at(arg, 60),
-                    };
+                if let Some(t) = time(abi::FATTR_MTIME, abi::FATTR_MTIME_NOW, 40, 60) {
+                    node.mtime = t;
                 }
                 node.ctime = now;
                 put_attr_out(out, self.ttl, h.nodeid, node);
