@@ -983,10 +983,11 @@ mod uring {
                         unsafe { std::slice::from_raw_parts(e.header, abi::URING_REQ_HEADER_SZ) };
                     let h = InHeader::parse(header);
                     let commit_id = u64_at(header, abi::URING_ENT_IN_OUT + 8);
-                    let payload_len = u32_at(header, abi::URING_ENT_IN_OUT + 16) as usize;
+                    let payload_len =
+                        (u32_at(header, abi::URING_ENT_IN_OUT + 16) as usize).min(MAX_WRITE);
                     let arg_len = abi::fixed_size(h.opcode).min(abi::URING_OP_IN_OUT_SZ);
                     let arg = &header[abi::URING_IN_OUT_HEADER_SZ..][..arg_len];
-                    // SAFETY: as above; the kernel wrote payload_len bytes.
+                    // SAFETY: as above; the buffer holds MAX_WRITE bytes.
                     let rest = unsafe { std::slice::from_raw_parts(e.payload, payload_len) };
                     let outcome = fs.handle(&h, arg, rest, &mut out);
                     fs.ring_requests.fetch_add(1, Ordering::Relaxed);
