@@ -283,6 +283,7 @@ def main():
                     help="comma-separated implementations, from: " + ", ".join(KNOWN))
     ap.add_argument("--example", default=os.path.join(ROOT, "target/release/examples/fuse_transport"))
     ap.add_argument("--unionfs", default=os.path.join(ROOT, "target/release/unionfs"))
+    ap.add_argument("--unionfs-b", help="another unionfs build, as implementation unionfs-b")
     ap.add_argument("--roundtrip", type=int, default=0,
                     help="also time this many fstat calls per round on the trivial servers "
                          "mounted with --ttl 0: one GETATTR round trip each")
@@ -293,8 +294,8 @@ def main():
     impls = []
     for name in args.only.split(","):
         kind, extra = KNOWN[name]
-        impls.append(Trivial(name, args.example, extra) if kind == "trivial"
-                     else Overlay(name, args.unionfs if kind == "unionfs" else None))
+        binary = {"unionfs": args.unionfs, "unionfs-b": args.unionfs_b}.get(kind)
+        impls.append(Trivial(name, args.example, extra) if kind == "trivial" else Overlay(name, binary))
 
     old_param = open(URING_PARAM).read().strip() if os.path.exists(URING_PARAM) else None
     scratch = tempfile.mkdtemp(prefix="transport-bench-")
@@ -338,6 +339,7 @@ KNOWN = {
     "uring": ("trivial", ["--transport", "uring", "--depth", "4"]),
     "kernel": ("kernel", None),
     "unionfs": ("unionfs", None),
+    "unionfs-b": ("unionfs-b", None),
     "classic-1": ("trivial", ["--transport", "classic", "--threads", "1"]),
     "uring-d1": ("trivial", ["--transport", "uring", "--depth", "1"]),
     "uring-nopin": ("trivial", ["--transport", "uring", "--depth", "4", "--no-pin"]),
