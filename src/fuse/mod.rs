@@ -114,7 +114,7 @@ impl UnionFs {
             Ok(Created { node, attr, .. }) => reply.entry(
                 &self.ttl(node.state().layer),
                 &file_attr(&attr),
-                Generation(node.generation),
+                Generation(node.generation.into()),
             ),
             Err(e) => reply.error(errno(op, e)),
         }
@@ -212,7 +212,7 @@ impl Filesystem for UnionFs {
         match self.core.lookup(parent.0, name) {
             Ok((node, attr)) => {
                 let ttl = self.ttl(node.state().layer);
-                reply.entry(&ttl, &file_attr(&attr), Generation(node.generation));
+                reply.entry(&ttl, &file_attr(&attr), Generation(node.generation.into()));
             }
             Err(e) if e.errno() == nix::errno::Errno::ENOENT => {
                 // A negative entry the kernel may cache: names appear only
@@ -231,7 +231,7 @@ impl Filesystem for UnionFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.core.node(ino.0).and_then(|node| {
             let attr = match fh {
-                Some(fh) => self.core.getattr_open(ino.0, fh.0)?,
+                Some(fh) => self.core.getattr_open(fh.0)?,
                 None => self.core.getattr(ino.0)?,
             };
             Ok((node.state().layer, attr))
@@ -424,7 +424,7 @@ impl Filesystem for UnionFs {
                 &entry.name,
                 &ttl,
                 &file_attr(&attr),
-                Generation(node.generation),
+                Generation(node.generation.into()),
             ) {
                 // Did not fit: the kernel never saw it, so it holds no reference.
                 self.core.forget(node.id, 1);
@@ -688,7 +688,7 @@ impl Filesystem for UnionFs {
             Ok(IoMode::Passthrough(backing)) => reply.created_passthrough(
                 &ttl,
                 &file_attr(&attr),
-                Generation(node.generation),
+                Generation(node.generation.into()),
                 FileHandle(fh),
                 FopenFlags::empty(),
                 &backing,
@@ -696,7 +696,7 @@ impl Filesystem for UnionFs {
             Ok(IoMode::Cached(flags)) => reply.created(
                 &ttl,
                 &file_attr(&attr),
-                Generation(node.generation),
+                Generation(node.generation.into()),
                 FileHandle(fh),
                 flags,
             ),

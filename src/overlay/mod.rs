@@ -162,13 +162,13 @@ impl Overlay {
         let top = stack.top();
         let raw = Attr::from_stat(&fstat(top.fd()?).sys("fstat root")?);
         let root_ino = inos.map(raw.dev, raw.ino);
-        let attr = merged_attr(raw, root_ino, stack.is_merged());
         let root = Node::new(
             ROOT_ID,
-            Location::new(None, OsString::new()),
+            0,
+            raw.kind(),
+            Location::new(None, OsStr::new("")),
             NodeState {
                 layer: top.layer,
-                attr,
                 dir: Some(Arc::new(stack)),
             },
         );
@@ -247,8 +247,13 @@ impl Overlay {
             Some(Dentry::Negative) => return Err(Error::new(Errno::ENOENT, "lookup")),
             Some(Dentry::Positive(id)) => {
                 if let Some(node) = self.nodes.take_ref(id) {
-                    let attr = self.node_attr(&node)?;
-                    return Ok((node, attr));
+                    if node.has_name(parent, name) {
+                        let attr = self.node_attr(&node)?;
+                        return Ok((node, attr));
+                    }
+                    // Another name with the same hash: give the reference
+                    // back and resolve.
+                    self.forget(id, 1);
                 }
             }
             None => {}
@@ -258,16 +263,17 @@ impl Overlay {
         let resolved = resolve::resolve_child(&self.layers, &stack, name)
             .map_err(|e| e.with_path(join(&parent_node.path(), name)))?;
         let Some(resolved) = resolved else {
-            self.dentries.insert_negative(parent, name.to_os_string());
+            self.dentries.insert_negative(parent, name);
             return Err(Error::new(Errno::ENOENT, "lookup"));
         };
+        let merged = resolved.dir.as_ref().is_some_and(|d| d.is_merged());
+        let resolved_attr = resolved.attr;
         let (node, fresh) = self.intern(&parent_node, name, resolved);
-        self.dentries
-            .insert_positive(parent, name.to_os_string(), node.id);
-        // A node made just now has the stat the resolution took; an existing
-        // one may hold attributes from before a copy-up.
+        self.dentries.insert_positive(parent, name, node.id);
+        // A node made just now is what the resolution stat'ed; an existing
+        // one may have been copied up since.
         let attr = if fresh {
-            node.state().attr
+            merged_attr(resolved_attr, node.id, merged)
         } else {
             self.node_attr(&node)?
         };
@@ -338,8 +344,7 @@ impl Overlay {
             .take_ref(node.id)
             .ok_or_else(|| Error::new(Errno::ESTALE, "link").with_path(node.path()))?;
         node.add_alias(parent, name);
-        self.dentries
-            .insert_positive(parent.id, name.to_os_string(), node.id);
+        self.dentries.insert_positive(parent.id, name, node.id);
         Ok(node)
     }
 
@@ -364,19 +369,18 @@ impl Overlay {
     fn new_node(
         &self,
         id: u64,
-        generation: u64,
+        generation: u32,
         parent: &Arc<Node>,
         name: &OsStr,
         resolved: &resolve::Resolved,
     ) -> Node {
-        let merged = resolved.dir.as_ref().is_some_and(|d| d.is_merged());
-        Node::with_generation(
+        Node::new(
             id,
             generation,
-            Location::new(Some(parent.clone()), name.to_os_string()),
+            resolved.attr.kind(),
+            Location::new(Some(parent.clone()), name),
             NodeState {
                 layer: resolved.layer,
-                attr: merged_attr(resolved.attr, id, merged),
                 dir: resolved.dir.clone().map(Arc::new),
             },
         )
@@ -392,7 +396,7 @@ impl Overlay {
         };
         if let Some(parent) = node.parent() {
             self.dentries
-                .remove_if_points_to(parent.id, node.name(), id);
+                .remove_if_points_to(parent.id, &node.name(), id);
         }
         drop(node);
         // After the kernel forgets a large part of the tree, RSS should
@@ -447,18 +451,16 @@ impl Overlay {
         !self.no_acl
     }
 
-    /// Lower layers never change while mounted, so their attributes are
-    /// served from the node; upper objects are stat'ed afresh.
-    fn node_attr(&self, node: &Node) -> Result<Attr> {
+    /// The attributes of the node's backing object as it is now (stored
+    /// owners). Not kept in the node: the kernel caches them, and asks
+    /// again only when its cache expires or drops them.
+    pub(crate) fn node_attr(&self, node: &Node) -> Result<Attr> {
         let state = node.state();
-        if !self.layers[state.layer].upper {
-            return Ok(state.attr);
-        }
-        if node.is_unlinked() {
+        if let Some(last) = node.unlinked_attr() {
             // Its old name may hold another file by now: ask an open handle.
             let mut attr = match self.handles.files_of(node.id).first() {
                 Some(open) => Attr::from_stat(&fstat(&*open.file()).sys("fstat")?),
-                None => state.attr,
+                None => last,
             };
             attr.ino = node.id;
             attr.nlink = 0;
@@ -475,14 +477,17 @@ impl Overlay {
         }
         .map_err(|e| e.with_layer(state.layer).with_path(node.path()))?;
         let merged = state.dir.as_ref().is_some_and(|d| d.is_merged());
-        let ino = if node.id == ROOT_ID {
+        Ok(merged_attr(Attr::from_stat(&raw), self.ino(node), merged))
+    }
+
+    /// The inode number the merged view shows for the node: its id, but
+    /// for the root the number its own backing object maps to.
+    pub(crate) fn ino(&self, node: &Node) -> u64 {
+        if node.id == ROOT_ID {
             self.root_ino
         } else {
             node.id
-        };
-        let attr = merged_attr(Attr::from_stat(&raw), ino, merged);
-        node.set_attr(attr);
-        Ok(attr)
+        }
     }
 
     fn backing(&self, node: &Node) -> Result<Backing> {

@@ -54,10 +54,6 @@ impl NodeTable {
         self.nodes.get(&id).map(|n| n.clone())
     }
 
-    pub(crate) fn contains(&self, id: u64) -> bool {
-        self.nodes.contains_key(&id)
-    }
-
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.nodes.len()
@@ -99,7 +95,7 @@ impl NodeTable {
         &self,
         mut id: u64,
         judge: impl Fn(&Arc<Node>) -> Existing,
-        make: impl Fn(u64, u64) -> Node,
+        make: impl Fn(u64, u32) -> Node,
     ) -> (Arc<Node>, bool) {
         loop {
             match self.nodes.entry(id) {
@@ -113,7 +109,7 @@ impl NodeTable {
                         // References the kernel still holds on the old
                         // inode carry over, so its eventual FORGET balances.
                         let old = existing.get();
-                        let fresh = Arc::new(make(id, old.generation + 1));
+                        let fresh = Arc::new(make(id, old.generation.wrapping_add(1)));
                         fresh.add_lookups(old.lookups() + 1);
                         existing.insert(fresh.clone());
                         return (fresh, true);
