@@ -4,8 +4,8 @@
 mod convert;
 mod notify;
 mod passthrough;
+mod read_buffers;
 
-use std::cell::RefCell;
 use std::ffi::OsStr;
 use std::io;
 use std::os::fd::AsFd;
@@ -26,6 +26,7 @@ use crate::overlay::{Error, OpenFile, Overlay};
 pub use convert::file_attr;
 pub use notify::AsyncNotifier;
 use passthrough::{Backings, LowerPinned, OpenIo};
+use read_buffers::ReadBuffers;
 
 /// The largest read the kernel sends in one request (fuser sizes max_pages
 /// from it), in bytes.
@@ -62,6 +63,7 @@ pub struct UnionFs {
     options: AdapterOptions,
     passthrough: AtomicBool,
     backings: Backings,
+    read_buffers: ReadBuffers,
 }
 
 impl UnionFs {
@@ -71,6 +73,7 @@ impl UnionFs {
             options,
             passthrough: AtomicBool::new(false),
             backings: Backings::default(),
+            read_buffers: ReadBuffers::default(),
         }
     }
 
@@ -281,13 +284,13 @@ impl Filesystem for UnionFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        thread_local! {
-            static READ_BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-        }
-        READ_BUFFER.with_borrow_mut(|buf| match self.core.read_into(fh.0, offset, size, buf) {
-            Ok(()) => reply.data(buf),
-            Err(e) => reply.error(errno("read", e)),
-        });
+        self.read_buffers.lend(
+            |buf| match self.core.read_into(fh.0, offset, size, buf) {
+                Ok(()) => reply.data(buf),
+                Err(e) => reply.error(errno("read", e)),
+            },
+            || self.core.has_open_files(),
+        );
     }
 
     fn flush(
@@ -316,6 +319,7 @@ impl Filesystem for UnionFs {
     ) {
         self.backings.release(ino.0, fh.0);
         self.core.release(fh.0);
+        self.read_buffers.free_unless(|| self.core.has_open_files());
         reply.ok();
     }
 

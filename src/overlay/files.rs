@@ -184,6 +184,10 @@ impl Overlay {
         self.handles.remove_file(fh);
     }
 
+    pub fn has_open_files(&self) -> bool {
+        self.handles.has_files()
+    }
+
     pub fn open_file(&self, fh: u64) -> Result<Arc<OpenFile>> {
         self.handles
             .file(fh)
