@@ -5,6 +5,7 @@ mod convert;
 mod notify;
 mod passthrough;
 mod read_buffers;
+mod release;
 
 use std::ffi::OsStr;
 use std::io;
@@ -27,6 +28,7 @@ pub use convert::file_attr;
 pub use notify::AsyncNotifier;
 use passthrough::{Backings, LowerPinned, OpenIo};
 use read_buffers::ReadBuffers;
+use release::MemoryReleaser;
 
 /// The largest read the kernel sends in one request (fuser sizes max_pages
 /// from it), in bytes.
@@ -64,17 +66,20 @@ pub struct UnionFs {
     passthrough: AtomicBool,
     backings: Backings,
     read_buffers: ReadBuffers,
+    releaser: MemoryReleaser,
 }
 
 impl UnionFs {
-    pub fn new(core: Arc<Overlay>, options: AdapterOptions) -> UnionFs {
-        UnionFs {
+    /// Starts the thread that hands memory back after forgets.
+    pub fn new(core: Arc<Overlay>, options: AdapterOptions) -> io::Result<UnionFs> {
+        Ok(UnionFs {
+            releaser: MemoryReleaser::start(core.clone())?,
             core,
             options,
             passthrough: AtomicBool::new(false),
             backings: Backings::default(),
             read_buffers: ReadBuffers::default(),
-        }
+        })
     }
 
     pub fn passthrough_enabled(&self) -> bool {
@@ -228,7 +233,9 @@ impl Filesystem for UnionFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.core.forget(ino.0, nlookup);
+        if self.core.forget(ino.0, nlookup) {
+            self.releaser.node_dropped();
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {

@@ -100,10 +100,16 @@ impl DentryCache {
             .remove_if(&self.key(parent, name), |_, cached| *cached == id);
     }
 
-    pub(crate) fn shrink_to_fit(&self) {
-        self.positive.shrink_to_fit();
-        self.negative.shrink_to_fit();
-    }}
+    /// Gives back the room of entries that went, once most of it is empty.
+    pub(crate) fn shrink(&self) {
+        if self.positive.len() * 4 < self.positive.capacity() {
+            self.positive.shrink_to_fit();
+        }
+        if self.negative.len() * 4 < self.negative.capacity() {
+            self.negative.shrink_to_fit();
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

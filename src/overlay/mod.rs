@@ -386,25 +386,32 @@ impl Overlay {
         )
     }
 
-    /// Drops `n` kernel references to `id`; the node goes when none are left.
-    pub fn forget(&self, id: u64, n: u64) {
+    /// Drops `n` kernel references to `id`; the node goes when none are
+    /// left. Returns whether it went.
+    pub fn forget(&self, id: u64, n: u64) -> bool {
         if id == ROOT_ID {
-            return;
+            return false;
         }
         let Some(node) = self.nodes.forget(id, n) else {
-            return;
+            return false;
         };
         if let Some(parent) = node.parent() {
             self.dentries
                 .remove_if_points_to(parent.id, &node.name(), id);
         }
-        drop(node);
-        // After the kernel forgets a large part of the tree, RSS should
-        // follow the node count back down.
-        if self.nodes.shrank_a_lot() {
-            self.dentries.shrink_to_fit();
-            sys::release_free_memory();
-        }
+        true
+    }
+
+    /// Hands the memory of forgotten nodes back to the system: the tables'
+    /// room, and the allocator's free pages, which glibc keeps otherwise.
+    /// Worth it after the kernel forgot many nodes, not after each.
+    pub fn release_memory(&self) {
+        self.nodes.shrink();
+        self.dentries.shrink();
+        dirfd::release_memory();
+        sys::release_free_memory();
+        let (in_use, free) = sys::heap_usage();
+        tracing::debug!(in_use, free, "memory handed back");
     }
 
     /// The attributes the merged view shows.
