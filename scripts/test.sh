@@ -6,12 +6,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=
-for tool in fusermount3 newuidmap setfattr getfacl python3 unshare stress-ng podman runc busybox strace setcap; do
+for tool in fusermount3 newuidmap setfattr getfacl python3 unshare stress-ng podman runc busybox strace setcap \
+    buildah slirp4netns catatonit fuse-overlayfs usermod; do
   command -v "$tool" >/dev/null || need_apt=1
 done
 if [ -n "$need_apt" ]; then
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 attr acl python3 util-linux kmod stress-ng podman runc busybox-static strace libcap2-bin uidmap >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 attr acl python3 util-linux kmod stress-ng podman runc busybox-static strace libcap2-bin \
+    buildah uidmap slirp4netns catatonit fuse-overlayfs passwd >/dev/null
 fi
 modprobe fuse 2>/dev/null || true
 modprobe overlay 2>/dev/null || true

@@ -37,7 +37,8 @@ pub struct MountOptions {
     /// Skip fsync during copy-up (podman's `volatile`).
     pub volatile: bool,
     pub passthrough: bool,
-    /// Passthrough for lower files of writable mounts too (`passthrough=all`).
+    /// Passthrough for lower files of writable mounts too (the default;
+    /// `passthrough=upper` turns it off).
     pub lower_passthrough: bool,
     pub nodev: bool,
     pub nosuid: bool,
@@ -91,7 +92,7 @@ impl Default for MountOptions {
             read_only: false,
             volatile: false,
             passthrough: true,
-            lower_passthrough: false,
+            lower_passthrough: true,
             nodev: false,
             nosuid: false,
             noexec: false,
@@ -228,14 +229,17 @@ pub fn apply_options(req: &mut MountRequest, arg: &str) -> Result<(), ConfigErro
             ("rw", None) => req.options.read_only = false,
             ("volatile", None) => req.options.volatile = true,
             ("userxattr", None) => req.options.userxattr = true,
-            ("passthrough", None) => req.options.passthrough = true,
-            ("passthrough", Some("all")) => {
+            ("passthrough", None | Some("all")) => {
                 req.options.passthrough = true;
                 req.options.lower_passthrough = true;
             }
+            ("passthrough", Some("upper")) => {
+                req.options.passthrough = true;
+                req.options.lower_passthrough = false;
+            }
             ("passthrough", Some(_)) => {
                 return refuse(format!(
-                    "bad mount option '{opt}': passthrough takes no value or 'all'"
+                    "bad mount option '{opt}': passthrough takes no value, 'all' or 'upper'"
                 ));
             }
             ("nopassthrough", None) => {

@@ -9,7 +9,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::podman::{Podman, tar_rootfs};
+use common::podman::{Podman, RUN_LIMITS, tar_rootfs};
 use common::*;
 use unionfs::image::changes::{self, ChangeKind, Layers};
 
@@ -134,24 +134,10 @@ fn changes_match_podman_diff() {
     let mut failures = Vec::new();
     for (name, script) in SCENARIOS {
         let container = format!("chg-{name}");
-        podman.ok_raw(
-            &[
-                "run",
-                "--name",
-                &container,
-                "--network",
-                "none",
-                "--ulimit",
-                "nofile=1024:1024",
-                "--ulimit",
-                "nproc=1024:1024",
-                "base",
-                "/bin/sh",
-                "-c",
-                script,
-            ],
-            &dir,
-        );
+        let mut run = vec!["run", "--name", &container];
+        run.extend(RUN_LIMITS);
+        run.extend(["base", "/bin/sh", "-c", script]);
+        podman.ok_raw(&run, &dir);
         let expected: Vec<String> = podman
             .ok(&["diff", &container], &dir)
             .lines()

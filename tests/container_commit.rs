@@ -14,7 +14,8 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use common::podman::{
-    CONTAINER_INIT, LISTING, Podman, install_busybox, tar_rootfs, without_container_files,
+    CONTAINER_INIT, LISTING, Podman, RUN_LIMITS, install_busybox, tar_rootfs,
+    without_container_files,
 };
 use common::store::ImageStore as Store;
 use common::*;
@@ -145,15 +146,8 @@ impl Store {
 }
 
 fn podman_run(podman: &Podman, dir: &Path, args: &[&str]) -> String {
-    let mut all = vec![
-        "run",
-        "--network",
-        "none",
-        "--ulimit",
-        "nofile=1024:1024",
-        "--ulimit",
-        "nproc=1024:1024",
-    ];
+    let mut all = vec!["run"];
+    all.extend(RUN_LIMITS);
     all.extend_from_slice(args);
     podman.ok(&all, dir)
 }

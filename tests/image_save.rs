@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use common::podman::{Podman, tar_rootfs};
+use common::podman::{Podman, RUN_LIMITS, tar_rootfs};
 use common::*;
 
 const CONTAINERFILE: &str = "FROM base
@@ -36,23 +36,10 @@ const IMAGE: &str = "localhost/saved:latest";
 
 /// The image's tree as `podman run` shows it.
 fn listing(podman: &Podman, image: &str, dir: &Path) -> String {
-    podman.ok(
-        &[
-            "run",
-            "--rm",
-            "--network",
-            "none",
-            "--ulimit",
-            "nofile=1024:1024",
-            "--ulimit",
-            "nproc=1024:1024",
-            image,
-            "sh",
-            "-c",
-            LIST,
-        ],
-        dir,
-    )
+    let mut run = vec!["run", "--rm"];
+    run.extend(RUN_LIMITS);
+    run.extend([image, "sh", "-c", LIST]);
+    podman.ok(&run, dir)
 }
 
 struct Fixture {

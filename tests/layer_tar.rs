@@ -9,7 +9,7 @@ use std::io::Read;
 use std::path::Path;
 use std::process::Command;
 
-use common::podman::{Podman, tar_rootfs, without_container_files};
+use common::podman::{Podman, RUN_LIMITS, tar_rootfs, tar_xattrs, without_container_files};
 use common::*;
 use unionfs::image::changes::Layers;
 use unionfs::image::layer_tar::write_layer_tar;
@@ -33,15 +33,7 @@ fn read_tar(bytes: &[u8]) -> Vec<(String, Read_)> {
     let mut out = Vec::new();
     for entry in archive.entries().unwrap() {
         let mut entry = entry.unwrap();
-        let mut xattrs = BTreeMap::new();
-        if let Some(pax) = entry.pax_extensions().unwrap() {
-            for ext in pax {
-                let ext = ext.unwrap();
-                if let Some(name) = ext.key().unwrap().strip_prefix("SCHILY.xattr.") {
-                    xattrs.insert(name.to_string(), ext.value_bytes().to_vec());
-                }
-            }
-        }
+        let xattrs = tar_xattrs(&mut entry);
         let h = entry.header().clone();
         let kind = match h.entry_type() {
             tar::EntryType::Directory => 'd',
@@ -389,23 +381,10 @@ fn podman_loads_the_layer_and_sees_the_mounts_tree() {
         .arg(dir.join("loaded.tar"))
         .arg("."));
     podman.ok_raw(&["load", "-i", "loaded.tar"], &dir);
-    let got = podman.ok_raw(
-        &[
-            "run",
-            "--rm",
-            "--network",
-            "none",
-            "--ulimit",
-            "nofile=1024:1024",
-            "--ulimit",
-            "nproc=1024:1024",
-            "with-layer",
-            "/bin/sh",
-            "-c",
-            LISTING,
-        ],
-        &dir,
-    );
+    let mut run = vec!["run", "--rm"];
+    run.extend(RUN_LIMITS);
+    run.extend(["with-layer", "/bin/sh", "-c", LISTING]);
+    let got = podman.ok_raw(&run, &dir);
     let expected = without_container_files(&String::from_utf8_lossy(&expected.stdout));
     let got = without_container_files(&got);
     assert!(

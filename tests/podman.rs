@@ -67,14 +67,7 @@ impl Podman {
 
     /// Everything the scenario observes of one storage driver.
     fn scenario(&self, dir: &Path, export_to: &Path) -> (String, String, BTreeSet<String>) {
-        let limits = [
-            "--network",
-            "none",
-            "--ulimit",
-            "nofile=1024:1024",
-            "--ulimit",
-            "nproc=1024:1024",
-        ];
+        let limits = common::podman::RUN_LIMITS;
         self.ok(&["import", "rootfs.tar", "base"], dir);
         let mut build = vec!["build"];
         build.extend(limits);

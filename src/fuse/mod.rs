@@ -22,6 +22,7 @@ use fuser::{
 };
 use tracing::{debug, warn};
 
+use crate::overlay::copyup::CopyData;
 use crate::overlay::write::{Caller, Created, NewObject, RenameMode, SetAttr, SetTime};
 use crate::overlay::{Error, OpenFile, Overlay};
 pub use convert::file_attr;
@@ -50,11 +51,12 @@ enum IoMode {
 pub struct AdapterOptions {
     /// Try FUSE passthrough for regular files (needs CAP_SYS_ADMIN).
     pub passthrough: bool,
-    /// Lower files of writable mounts too: reads at the speed of the
-    /// lower filesystem, one page cache shared with everything else that
-    /// reads the layer. The kernel then holds the lower file for as long as
-    /// it is open, and no copy-up can replace it: writing to such a file
-    /// (open for write, truncate) fails with ETXTBSY until it is closed.
+    /// Lower files of writable mounts too (the default): reads at the speed
+    /// of the lower filesystem, one page cache shared with everything else
+    /// that reads the layer. The kernel then holds the lower file for as
+    /// long as it is open, so a copy-up while it is open goes to a new node
+    /// (`Overlay::detach`); off (`passthrough=upper`), lower files are read
+    /// through the daemon and descriptors follow a copy-up.
     pub lower_passthrough: bool,
     /// Ask the kernel for POSIX ACL handling (not with `noacl`).
     pub posix_acl: bool,
@@ -129,11 +131,21 @@ impl UnionFs {
     }
 
     /// A file the kernel reads through a lower file as its backing file
-    /// (`lower_passthrough`): changing it now would leave those descriptors
-    /// reading the old data, and the kernel would refuse the upper copy as a
-    /// second backing file; the writer has to wait for them to close.
+    /// (`lower_passthrough`): the kernel would refuse the upper copy as a
+    /// second backing file, and the readers would not see the change.
     fn lower_file_pinned(&self, id: u64) -> bool {
         self.options.lower_passthrough && self.backings.pinned_by_lower(id)
+    }
+
+    /// Copies a pinned file up into a new node and tells the caller to look
+    /// its name up again: ESTALE makes the VFS retry an open, truncate or
+    /// chmod with LOOKUP_REVAL, which reaches the new node. Descriptors
+    /// opened before keep reading the lower file.
+    fn detach_pinned(&self, id: u64, data: CopyData) -> Errno {
+        match self.core.detach(id, data) {
+            Ok(()) => Errno::ESTALE,
+            Err(e) => errno("copy up (detach)", e),
+        }
     }
 
     fn ttl(&self, layer: usize) -> Duration {
@@ -259,8 +271,16 @@ impl Filesystem for UnionFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let copy_data = if flags.0 & libc::O_TRUNC != 0 {
+            CopyData::MetadataOnly
+        } else {
+            CopyData::All
+        };
+        if self.core.is_detached(ino.0) {
+            return reply.error(Errno::ESTALE);
+        }
         if crate::overlay::wants_write(flags.0) && self.lower_file_pinned(ino.0) {
-            return reply.error(Errno::ETXTBSY);
+            return reply.error(self.detach_pinned(ino.0, copy_data));
         }
         let (fh, open) = match self.core.open(ino.0, flags.0, setid_dropped_for(req)) {
             Ok(opened) => opened,
@@ -271,7 +291,7 @@ impl Filesystem for UnionFs {
             // A reader pinned the lower file while this open copied it up.
             Err(LowerPinned) => {
                 self.core.release(fh);
-                reply.error(Errno::ETXTBSY)
+                reply.error(self.detach_pinned(ino.0, copy_data))
             }
             Ok(IoMode::Passthrough(backing)) => {
                 reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing)
@@ -537,8 +557,14 @@ impl Filesystem for UnionFs {
                 }
             })
         };
-        if size.is_some() && self.lower_file_pinned(ino.0) {
-            return reply.error(Errno::ETXTBSY);
+        // A detached node's setattr goes to its current file (in the core).
+        if size.is_some() && !self.core.is_detached(ino.0) && self.lower_file_pinned(ino.0) {
+            let data = if size == Some(0) {
+                CopyData::MetadataOnly
+            } else {
+                CopyData::All
+            };
+            return reply.error(self.detach_pinned(ino.0, data));
         }
         let nothing_to_set = [mode, uid, gid].iter().all(Option::is_none)
             && size.is_none()

@@ -225,7 +225,7 @@ impl Overlay {
 
     /// Points every open handle of a copied-up file at the upper copy, so
     /// descriptors opened before the copy-up see what is written after it.
-    fn reopen_handles(&self, node: &Arc<Node>) -> Result<()> {
+    pub(super) fn reopen_handles(&self, node: &Arc<Node>) -> Result<()> {
         for open in self.handles.files_of(node.id) {
             let flags = open.flags & (libc::O_ACCMODE | libc::O_APPEND | libc::O_NONBLOCK);
             let file = self.open_backing(node, flags)?;

@@ -304,7 +304,7 @@ mod tests {
             nix::sys::stat::Mode::empty(),
         )
         .unwrap();
-        let mut dirs = vec![Arc::new(DirLayer::new(1, top, DirMarks::default(), true))];
+        let mut dirs = vec![Arc::new(DirLayer::new(1, top, DirMarks::default(), false))];
         for _ in 0..depth {
             let parent = dirs.last().unwrap().clone();
             let fd = open(parent.fd().unwrap().as_fd());
@@ -320,7 +320,7 @@ mod tests {
                 1,
                 lazy,
                 DirMarks::default(),
-                true,
+                false,
             )));
         }
         dirs

@@ -18,7 +18,9 @@ use nix::fcntl::AtFlags;
 use nix::sys::stat::fstatat;
 
 use super::attr::{Attr, FileKind};
-use super::error::{Result, SysContext};
+use nix::errno::Errno;
+
+use super::error::{Error, Result, SysContext};
 use crate::sys::{self, XattrTarget};
 
 pub const OCI_WHITEOUT_PREFIX: &[u8] = b".wh.";
@@ -58,6 +60,20 @@ pub fn oci_name(name: &OsStr) -> OciName<'_> {
         }
     } else {
         OciName::Plain
+    }
+}
+
+/// Refuses `name` for a new entry of the merged view: every layer reads
+/// `.wh.` names as OCI markers (an upper too: see `DirLayer::oci_hides`), so
+/// an object made under one would vanish, and hide another.
+pub fn refuse_oci_marker(name: &OsStr) -> Result<()> {
+    if oci_name(name) == OciName::Plain {
+        Ok(())
+    } else {
+        Err(Error::new(
+            Errno::EINVAL,
+            "create (names starting with .wh. are OCI whiteouts)",
+        ))
     }
 }
 

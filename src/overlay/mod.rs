@@ -6,6 +6,7 @@ pub mod acl;
 pub mod attr;
 pub mod copyup;
 mod dentry;
+mod detach;
 pub mod dirfd;
 pub mod error;
 mod files;
@@ -40,6 +41,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use dashmap::DashMap;
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, readlinkat};
 use nix::sys::stat::{fstat, fstatat};
@@ -86,6 +88,9 @@ pub struct OverlayConfig {
 /// object into an upper one, the link count other names of a file see).
 pub trait KernelCache: Send + Sync {
     fn invalidate_attr(&self, id: u64);
+    /// The kernel's entry `name` in directory `parent`: the next lookup of
+    /// it asks the core again.
+    fn invalidate_entry(&self, parent: u64, name: &OsStr);
 }
 
 /// What a node's name leads to, next to an object found elsewhere.
@@ -118,6 +123,10 @@ pub struct Overlay {
     kernel_cache: std::sync::OnceLock<Box<dyn KernelCache>>,
     /// How markers are written into the upper (probed at mount).
     format: UpperFormat,
+    /// Nodes left to the descriptors opened before their file was copied
+    /// up into a new node (`detach`), until the kernel forgets them, with
+    /// the name their file had then.
+    detached: DashMap<u64, (Arc<Node>, OsString)>,
     /// Owners as stored and as shown. The core works with stored ids
     /// throughout; `shown` translates attributes as they leave it.
     ids: IdShift,
@@ -181,6 +190,7 @@ impl Overlay {
             work,
             volatile: config.volatile,
             format,
+            detached: DashMap::new(),
             kernel_cache: std::sync::OnceLock::new(),
             attrs_as_stored: config.ids.is_identity() && !config.static_nlink,
             ids: config.ids.clone(),
@@ -204,6 +214,12 @@ impl Overlay {
     fn invalidate_attr(&self, id: u64) {
         if let Some(cache) = self.kernel_cache.get() {
             cache.invalidate_attr(id);
+        }
+    }
+
+    fn invalidate_entry(&self, parent: u64, name: &OsStr) {
+        if let Some(cache) = self.kernel_cache.get() {
+            cache.invalidate_entry(parent, name);
         }
     }
 
@@ -395,6 +411,7 @@ impl Overlay {
         let Some(node) = self.nodes.forget(id, n) else {
             return false;
         };
+        self.detached.remove(&id);
         if let Some(parent) = node.parent() {
             self.dentries
                 .remove_if_points_to(parent.id, &node.name(), id);

@@ -6,14 +6,18 @@
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use nix::errno::Errno;
+use nix::fcntl::AtFlags;
+use nix::sys::stat::fstatat;
 use parking_lot::{Mutex, RwLock};
 
 use super::attr::{Attr, FileKind};
 use super::dirfd::{self, DirFd, LazyDirFd, Origin};
-use super::error::{Error, Result};
+use super::error::{Error, Result, SysContext};
 use super::layer::list_dir;
 use super::marker::{self, DirMarks, OciName};
 
@@ -23,8 +27,9 @@ pub struct DirLayer {
     pub layer: usize,
     fd: LazyDirFd,
     pub marks: DirMarks,
-    /// Whether OCI `.wh.` names count here (lower layers only).
-    pub oci: bool,
+    /// This directory is the upper layer's: its OCI `.wh.` names may change
+    /// through the mount, so they are looked up each time, never cached.
+    pub upper: bool,
     /// The names this directory whites out with OCI `.wh.NAME` entries, read
     /// once on the first lookup that misses here (lower layers never change).
     oci_whiteouts: OnceLock<HashSet<OsString>>,
@@ -34,8 +39,8 @@ pub struct DirLayer {
 
 impl DirLayer {
     /// A directory whose descriptor stays open for its life.
-    pub fn new(layer: usize, fd: OwnedFd, marks: DirMarks, oci: bool) -> DirLayer {
-        DirLayer::with_origin(layer, fd, marks, oci, Origin::Held)
+    pub fn new(layer: usize, fd: OwnedFd, marks: DirMarks, upper: bool) -> DirLayer {
+        DirLayer::with_origin(layer, fd, marks, upper, Origin::Held)
     }
 
     /// A lower directory whose descriptor may be closed and reopened from
@@ -44,26 +49,26 @@ impl DirLayer {
         layer: usize,
         fd: OwnedFd,
         marks: DirMarks,
-        oci: bool,
+        upper: bool,
         origin: Origin,
     ) -> DirLayer {
         DirLayer {
             layer,
             fd: LazyDirFd::new(fd, origin),
             marks,
-            oci,
+            upper,
             oci_whiteouts: OnceLock::new(),
             xwhiteouts_written: AtomicBool::new(false),
         }
     }
 
     #[cfg(test)]
-    pub(crate) fn from_lazy(layer: usize, fd: LazyDirFd, marks: DirMarks, oci: bool) -> DirLayer {
+    pub(crate) fn from_lazy(layer: usize, fd: LazyDirFd, marks: DirMarks, upper: bool) -> DirLayer {
         DirLayer {
             layer,
             fd,
             marks,
-            oci,
+            upper,
             oci_whiteouts: OnceLock::new(),
             xwhiteouts_written: AtomicBool::new(false),
         }
@@ -87,9 +92,25 @@ impl DirLayer {
     }
 
     /// Whether an OCI whiteout here hides `name` from the layers below.
+    /// Lower layers have them from images; an upper has them where
+    /// containers/storage mounts a layer it stored that way as the upper
+    /// (`podman diff IMAGE`), as fuse-overlayfs reads them there too.
     pub fn oci_hides(&self, name: &OsStr) -> Result<bool> {
-        if !self.oci {
-            return Ok(false);
+        if self.upper {
+            let mut marker = OsString::from(OsStr::from_bytes(marker::OCI_WHITEOUT_PREFIX));
+            marker.push(name);
+            if marker.len() > 255 {
+                return Ok(false);
+            }
+            return match fstatat(
+                self.fd()?.as_fd(),
+                marker.as_os_str(),
+                AtFlags::AT_SYMLINK_NOFOLLOW,
+            ) {
+                Ok(_) => Ok(true),
+                Err(Errno::ENOENT) => Ok(false),
+                Err(e) => Err(e).sys("fstatat(.wh.)"),
+            };
         }
         if let Some(set) = self.oci_whiteouts.get() {
             return Ok(set.contains(name));

@@ -79,6 +79,11 @@ impl NodeTable {
         self.copied_up.insert((dev, ino), id);
     }
 
+    /// Lookups that find the upper copy (dev, ino) take its own number.
+    pub(crate) fn forget_copy_up(&self, dev: u64, ino: u64) {
+        self.copied_up.remove(&(dev, ino));
+    }
+
     /// A number no node has, nor will have.
     pub(crate) fn unique_ino(&self) -> u64 {
         self.inos.unique()

@@ -83,15 +83,13 @@ impl Overlay {
     ) -> Result<()> {
         let mut oci_whiteouts = Vec::new();
         for (name, ino, kind) in dl.read_entries()? {
-            if dl.oci {
-                match marker::oci_name(&name) {
-                    OciName::Plain => {}
-                    OciName::Whiteout(target) => {
-                        oci_whiteouts.push(target.to_os_string());
-                        continue;
-                    }
-                    OciName::Opaque | OciName::Meta => continue,
+            match marker::oci_name(&name) {
+                OciName::Plain => {}
+                OciName::Whiteout(target) => {
+                    oci_whiteouts.push(target.to_os_string());
+                    continue;
                 }
+                OciName::Opaque | OciName::Meta => continue,
             }
             let (kind, whiteout) = classify(dl, &name, kind)?;
             let visible = match seen.as_deref_mut() {

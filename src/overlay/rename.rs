@@ -204,6 +204,7 @@ impl Overlay {
         new_name: &OsStr,
         mode: RenameMode,
     ) -> Result<()> {
+        marker::refuse_oci_marker(new_name)?;
         let src = self.peek(parent, name)?;
         let dst = match self.peek(new_parent, new_name) {
             Ok(peeked) => Some(peeked),

@@ -48,7 +48,7 @@ pub fn probe(dl: &DirLayer, name: &OsStr) -> Result<Probe> {
     if !lookup_name(name).map_err(|e| e.with_layer(dl.layer))? {
         return Ok(Probe::Missing);
     }
-    if dl.oci && marker::oci_name(name) != OciName::Plain {
+    if marker::oci_name(name) != OciName::Plain {
         // OCI markers are instructions, never entries of the merged view.
         return Ok(Probe::Missing);
     }
@@ -108,14 +108,20 @@ pub fn open_dir_layer(layers: &[Layer], parent: &Arc<DirLayer>, name: &OsStr) ->
     )
     .sys("openat2(dir)")
     .map_err(|e| e.with_layer(parent.layer))?;
-    let oci = !layers[parent.layer].upper;
-    let marks = marker::read_dir_marks(std::os::fd::AsFd::as_fd(&fd), oci)
+    let upper = layers[parent.layer].upper;
+    let marks = marker::read_dir_marks(std::os::fd::AsFd::as_fd(&fd), true)
         .map_err(|e| e.with_layer(parent.layer))?;
     let origin = Origin::Child {
         parent: parent.clone(),
         name: name.to_os_string(),
     };
-    Ok(DirLayer::with_origin(parent.layer, fd, marks, oci, origin))
+    Ok(DirLayer::with_origin(
+        parent.layer,
+        fd,
+        marks,
+        upper,
+        origin,
+    ))
 }
 
 /// Where the remaining layers keep the directory being resolved: under its
@@ -168,15 +174,15 @@ fn next_place(
                 let Some(fd) = walk_beneath(layer.root(), dirs).map_err(ctx)? else {
                     continue;
                 };
-                let marks = marker::read_dir_marks(fd.as_fd(), !layer.upper).map_err(ctx)?;
+                let marks = marker::read_dir_marks(fd.as_fd(), true).map_err(ctx)?;
                 let dl = if layer.upper {
-                    DirLayer::new(layer.index, fd, marks, false)
+                    DirLayer::new(layer.index, fd, marks, true)
                 } else {
                     let origin = Origin::FromRoot {
                         root: layer.root.clone(),
                         parts: dirs.to_vec(),
                     };
-                    DirLayer::with_origin(layer.index, fd, marks, true, origin)
+                    DirLayer::with_origin(layer.index, fd, marks, false, origin)
                 };
                 return Ok(Some((Arc::new(dl), file_name.clone())));
             }
@@ -258,15 +264,12 @@ pub fn root_stack(layers: &[Layer]) -> Result<DirStack> {
         )
         .sys("open layer root")
         .map_err(|e| e.with_layer(layer.index).with_path(&layer.path))?;
-        let marks = marker::read_dir_marks(std::os::fd::AsFd::as_fd(&fd), !layer.upper)
+        let marks = marker::read_dir_marks(std::os::fd::AsFd::as_fd(&fd), true)
             .map_err(|e| e.with_layer(layer.index).with_path(&layer.path))?;
         let opaque = marks.opaque;
-        stack.layers.push(Arc::new(DirLayer::new(
-            layer.index,
-            fd,
-            marks,
-            !layer.upper,
-        )));
+        stack
+            .layers
+            .push(Arc::new(DirLayer::new(layer.index, fd, marks, layer.upper)));
         if opaque {
             break;
         }

@@ -45,6 +45,9 @@ impl Overlay {
     /// setattr: copy-up, then chown, truncate, chmod, utimens on the upper.
     /// The owner is given as the merged view shows it.
     pub fn setattr(&self, id: u64, set: SetAttr, fh: Option<u64>) -> Result<Attr> {
+        if let Some(result) = self.on_current_file(id, |current| self.setattr(current, set, None)) {
+            return result;
+        }
         let set = self.stored_owner(set)?;
         let node = self.node(id)?;
         if node.is_unlinked() {

@@ -21,6 +21,7 @@ use super::error::{Error, Result, SysContext};
 use super::format::WhiteoutForm;
 use super::handles::OpenFile;
 use super::layer::open_beneath;
+use super::marker;
 use super::node::{DirLayer, DirStack, Node};
 use super::resolve::{self, Probe};
 use crate::sys::{self, XattrTarget};
@@ -85,8 +86,10 @@ impl Overlay {
         object: NewObject<'_>,
         caller: Caller,
     ) -> Result<Created> {
-        // Refused before anything changes: an owner the mapping cannot store.
+        // Refused before anything changes: an owner the mapping cannot store,
+        // a name every layer reads as an OCI marker.
         let stored_caller = self.stored_caller(caller)?;
+        marker::refuse_oci_marker(name)?;
         let parent_node = self.node(parent)?;
         let stack = self.upper_dir(&parent_node)?;
         let upper = stack.top();
@@ -102,6 +105,8 @@ impl Overlay {
             self.copy_up(node, CopyData::All)?;
         }
         let over_whiteout = upper_whiteout_at(upper, name)?;
+        // An OCI `.wh.NAME` in the upper hides NAME below, as a whiteout does.
+        let over_oci_whiteout = !over_whiteout && upper.oci_hides(name)?;
         let work = self.work()?;
         let parent_attr = self.node_attr(&parent_node)?;
         let owner = owner_for(stored_caller, &parent_attr);
@@ -121,7 +126,9 @@ impl Overlay {
             file
         } else {
             let file = self.make_object(upper.fd()?.as_fd(), name, &object, owner, &parent_attr)?;
-            if matches!(object, NewObject::Dir { .. })
+            if matches!(object, NewObject::Dir { .. }) && over_oci_whiteout {
+                self.mark_opaque(XattrTarget::Entry(upper.fd()?.as_fd(), name))?;
+            } else if matches!(object, NewObject::Dir { .. })
                 && self.format.moves_merged_dirs()
                 && self.is_merged_stack(&stack)
             {

@@ -1087,3 +1087,48 @@ fn xattr_whiteouts_where_whiteout_devices_are_refused() {
         assert!(l.work_entries().is_empty());
     }
 }
+
+#[test]
+fn oci_whiteouts_in_the_upper_hide_names_below_and_are_never_made() {
+    let l = Layers::new();
+    write(&l.lower("d/gone"), b"");
+    write(&l.lower("d/kept"), b"");
+    write(&l.lower("d/sub/inner"), b"");
+    write(&l.lower("opq/hidden"), b"");
+    // As containers/storage stores a layer it mounts as the upper.
+    write(&l.upper("d/.wh.gone"), b"");
+    write(&l.upper("d/.wh.sub"), b"");
+    write(&l.upper("opq/.wh..wh..opq"), b"");
+    write(&l.upper("opq/mine"), b"");
+    let lower = tree(&l.lower);
+    let ov = l.overlay();
+
+    assert_eq!(lookup_errno(&ov, "d/gone"), Errno::ENOENT);
+    assert_eq!(lookup_errno(&ov, "d/.wh.gone"), Errno::ENOENT);
+    assert_eq!(listing(&ov, "d"), ["kept"]);
+    assert_eq!(listing(&ov, "opq"), ["mine"]);
+
+    // A directory made where a lower one is whited out starts empty.
+    create(&ov, "d", "sub", new_dir());
+    assert!(listing(&ov, "d/sub").is_empty());
+    assert_eq!(opaque(&l.upper("d/sub")).as_deref(), Some(&b"y"[..]));
+    assert_eq!(listing(&ov, "d"), ["kept", "sub"]);
+
+    // Names every layer reads as markers cannot be made.
+    let err = ov
+        .create(id(&ov, "d"), OsStr::new(".wh.kept"), new_file(), CALLER)
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(err.errno(), Errno::EINVAL);
+    let err = rename(
+        &ov,
+        ("d", "kept"),
+        ("d", ".wh..wh..opq"),
+        RenameMode::Replace,
+    )
+    .unwrap_err();
+    assert_eq!(err.errno(), Errno::EINVAL);
+    assert_eq!(listing(&ov, "d"), ["kept", "sub"]);
+    assert_eq!(tree(&l.lower), lower, "lower changed");
+    assert!(l.work_entries().is_empty());
+}

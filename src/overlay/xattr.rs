@@ -17,6 +17,11 @@ impl Overlay {
     /// Sets an xattr given as the merged view shows it: ids in ACLs and
     /// capabilities are shifted down to the stored ones first.
     pub fn setxattr(&self, id: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        if let Some(result) =
+            self.on_current_file(id, |current| self.setxattr(current, name, value, flags))
+        {
+            return result;
+        }
         let cname = private_checked(name, "setxattr")?;
         self.check_acl_support(name, "setxattr")?;
         let stored = self
@@ -36,6 +41,9 @@ impl Overlay {
     pub fn removexattr(&self, id: u64, name: &OsStr) -> Result<()> {
         let cname = private_checked(name, "removexattr")?;
         self.check_acl_support(name, "removexattr")?;
+        if let Some(result) = self.on_current_file(id, |current| self.removexattr(current, name)) {
+            return result;
+        }
         let node = self.node(id)?;
         // Nothing to copy up for an xattr the object does not have.
         self.getxattr(id, name)?;

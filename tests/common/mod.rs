@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod podman;
+pub mod rootless;
 pub mod store;
 
 use std::collections::BTreeMap;

@@ -126,6 +126,17 @@ pub fn install_busybox(rootfs: &Path, applets: &[&str]) {
     }
 }
 
+/// What every `podman run` and `build` of the tests passes: no network,
+/// and limits runc can set whatever the caller's are.
+pub const RUN_LIMITS: [&str; 6] = [
+    "--network",
+    "none",
+    "--ulimit",
+    "nofile=1024:1024",
+    "--ulimit",
+    "nproc=1024:1024",
+];
+
 /// What libpod makes in each container before the command runs: done
 /// first in a unionfs mount, it makes the same changes `podman diff` sees.
 pub const CONTAINER_INIT: &str = "mkdir -p /dev /proc /sys /run && echo h > /etc/hosts && echo h > /etc/hostname && echo > /run/.containerenv && ln -s /proc/mounts /etc/mtab";
@@ -160,6 +171,22 @@ pub fn without_container_files(listing: &str) -> Vec<String> {
         .filter(|l| !skip.iter().any(|s| l.starts_with(s) || *l == s.trim_end()))
         .map(str::to_string)
         .collect()
+}
+
+/// The xattrs a tar entry carries (PAX `SCHILY.xattr.*` records).
+pub fn tar_xattrs<R: std::io::Read>(
+    entry: &mut tar::Entry<R>,
+) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut xattrs = std::collections::BTreeMap::new();
+    if let Some(pax) = entry.pax_extensions().unwrap() {
+        for ext in pax {
+            let ext = ext.unwrap();
+            if let Some(name) = ext.key().unwrap().strip_prefix("SCHILY.xattr.") {
+                xattrs.insert(name.to_string(), ext.value_bytes().to_vec());
+            }
+        }
+    }
+    xattrs
 }
 
 /// `tar` of the root filesystem `rootfs` into `tar`, xattrs (file
