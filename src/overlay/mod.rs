@@ -480,11 +480,13 @@ impl Overlay {
     /// again only when its cache expires or drops them.
     pub(crate) fn node_attr(&self, node: &Node) -> Result<Attr> {
         let state = node.state();
-        if let Some(last) = node.unlinked_attr() {
+        if node.is_unlinked() {
             // Its old name may hold another file by now: ask an open handle.
             let mut attr = match self.handles.files_of(node.id).first() {
                 Some(open) => Attr::from_stat(&fstat(&*open.file()).sys("fstat")?),
-                None => last,
+                None => node
+                    .unlinked_attr()
+                    .ok_or_else(|| Error::new(Errno::ESTALE, "getattr").with_path(node.path()))?,
             };
             attr.ino = node.id;
             attr.nlink = 0;

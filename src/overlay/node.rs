@@ -271,10 +271,12 @@ impl Node {
         }
     }
 
-    /// Its last name is gone; `attr` is what it was as it went, for a
+    /// Its last name is gone; `last` is what it was as it went, for a
     /// getattr no open handle can answer.
-    pub fn mark_unlinked(&self, attr: Attr) {
-        self.loc.write().rare.get_or_insert_default().unlinked = Some(attr);
+    pub fn mark_unlinked(&self, last: Option<Attr>) {
+        if last.is_some() {
+            self.loc.write().rare.get_or_insert_default().unlinked = last;
+        }
         self.unlinked.store(true, Ordering::Release);
     }
 

@@ -317,7 +317,7 @@ impl Overlay {
             // Other names of the file see its link count drop.
             self.invalidate_attr(child.id);
         } else {
-            child.mark_unlinked(attr);
+            child.mark_unlinked(Some(attr));
         }
         self.dentries.insert_negative(parent, name);
         Ok(())
