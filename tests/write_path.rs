@@ -697,7 +697,10 @@ fn a_writer_beside_a_passthrough_reader_gets_the_copy_up_and_the_reader_keeps_it
         .unwrap();
     writer.write_all_at(b"CHANGED!", 0).unwrap();
     reader.read_exact_at(&mut head, 0).unwrap();
-    assert_eq!(&head, b"original", "the reader opened before keeps its data");
+    assert_eq!(
+        &head, b"original",
+        "the reader opened before keeps its data"
+    );
     assert_eq!(mapping.read(0..8), b"original");
     assert_eq!(
         fs::read(m.path("dir/f")).unwrap(),
@@ -739,7 +742,10 @@ fn a_writer_beside_a_passthrough_reader_gets_the_copy_up_and_the_reader_keeps_it
         fs::read(upper.join("dir/f")).unwrap(),
         b"CHANGED! lower content\n"
     );
-    assert_eq!(fs::metadata(upper.join("dir/f")).unwrap().mode() & 0o777, 0o640);
+    assert_eq!(
+        fs::metadata(upper.join("dir/f")).unwrap().mode() & 0o777,
+        0o640
+    );
     assert_eq!(fs::read(upper.join("dir/g")).unwrap(), b"to");
     assert_eq!(fs::read(upper.join("dir/h")).unwrap(), b"new");
     assert_eq!(layer_digest(&lower), digest, "lower changed");
