@@ -29,8 +29,7 @@ fi
 rm -rf "$work/upper" "$work/.upper.unionfs-work"; mkdir -p "$work/upper" "$work/mnt"
 "$bin" mount --lower "$work/lower" --upper "$work/upper" "$work/mnt"
 trap '"$bin" umount "$work/mnt" || umount -l "$work/mnt"' EXIT
-pid=$(cat /run/unionfs/*.pid | while read -r p; do
-  grep -qa -- "$work/mnt" /proc/"$p"/cmdline 2>/dev/null && echo "$p"; done | head -1)
+pid=$(pgrep -n -f -- " mount --lower .* $work/mnt\$")
 rss() { awk '/VmRSS/ {print $2}' /proc/"$pid"/status; }
 hwm() { awk '/VmHWM/ {print $2}' /proc/"$pid"/status; }
 fds() { ls /proc/"$pid"/fd | wc -l; }

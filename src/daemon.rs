@@ -416,6 +416,7 @@ pub fn raise_fd_limit() {
 }
 
 fn serve(mount: &ValidMount, ready: &mut ReadyPipe) -> Result<(), String> {
+    sys::tune_allocator();
     raise_fd_limit();
     // The caller's umask is applied per request (or not, under a default
     // ACL: overlay::acl); the daemon's own must not take more bits away.
@@ -462,7 +463,8 @@ fn serve(mount: &ValidMount, ready: &mut ReadyPipe) -> Result<(), String> {
             lower_passthrough: mount.options.lower_passthrough,
             posix_acl: !mount.options.noacl,
         },
-    );
+    )
+    .map_err(|e| format!("spawn memory thread: {e}"))?;
     let session = start_session(fs, mount)?;
     info!(mountpoint = %mount.mountpoint.display(), layers = core.layers().len(), "mounted");
     let layer_dirs: Vec<PathBuf> = mount.upper.iter().chain(&mount.lowers).cloned().collect();
@@ -488,6 +490,8 @@ fn serve(mount: &ValidMount, ready: &mut ReadyPipe) -> Result<(), String> {
         .map_err(|e| format!("spawn signal thread: {e}"))?;
 
     ready.ready();
+    // What parsing, mounting and the caller's half of the fork left free.
+    sys::release_free_memory();
     let result = session.run();
     // A new mount on the same mountpoint may already have written its own
     // pid there: remove the file only while it is still ours.

@@ -4,8 +4,9 @@
 mod convert;
 mod notify;
 mod passthrough;
+mod read_buffers;
+mod release;
 
-use std::cell::RefCell;
 use std::ffi::OsStr;
 use std::io;
 use std::os::fd::AsFd;
@@ -27,6 +28,8 @@ use crate::overlay::{Error, OpenFile, Overlay};
 pub use convert::file_attr;
 pub use notify::AsyncNotifier;
 use passthrough::{Backings, LowerPinned, OpenIo};
+use read_buffers::ReadBuffers;
+use release::MemoryReleaser;
 
 /// The largest read the kernel sends in one request (fuser sizes max_pages
 /// from it), in bytes.
@@ -64,16 +67,21 @@ pub struct UnionFs {
     options: AdapterOptions,
     passthrough: AtomicBool,
     backings: Backings,
+    read_buffers: ReadBuffers,
+    releaser: MemoryReleaser,
 }
 
 impl UnionFs {
-    pub fn new(core: Arc<Overlay>, options: AdapterOptions) -> UnionFs {
-        UnionFs {
+    /// Starts the thread that hands memory back after forgets.
+    pub fn new(core: Arc<Overlay>, options: AdapterOptions) -> io::Result<UnionFs> {
+        Ok(UnionFs {
+            releaser: MemoryReleaser::start(core.clone())?,
             core,
             options,
             passthrough: AtomicBool::new(false),
             backings: Backings::default(),
-        }
+            read_buffers: ReadBuffers::default(),
+        })
     }
 
     pub fn passthrough_enabled(&self) -> bool {
@@ -116,7 +124,7 @@ impl UnionFs {
             Ok(Created { node, attr, .. }) => reply.entry(
                 &self.ttl(node.state().layer),
                 &file_attr(&attr),
-                Generation(node.generation),
+                Generation(node.generation.into()),
             ),
             Err(e) => reply.error(errno(op, e)),
         }
@@ -224,7 +232,7 @@ impl Filesystem for UnionFs {
         match self.core.lookup(parent.0, name) {
             Ok((node, attr)) => {
                 let ttl = self.ttl(node.state().layer);
-                reply.entry(&ttl, &file_attr(&attr), Generation(node.generation));
+                reply.entry(&ttl, &file_attr(&attr), Generation(node.generation.into()));
             }
             Err(e) if e.errno() == nix::errno::Errno::ENOENT => {
                 // A negative entry the kernel may cache: names appear only
@@ -237,13 +245,15 @@ impl Filesystem for UnionFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.core.forget(ino.0, nlookup);
+        if self.core.forget(ino.0, nlookup) {
+            self.releaser.node_dropped();
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.core.node(ino.0).and_then(|node| {
             let attr = match fh {
-                Some(fh) => self.core.getattr_open(ino.0, fh.0)?,
+                Some(fh) => self.core.getattr_open(fh.0)?,
                 None => self.core.getattr(ino.0)?,
             };
             Ok((node.state().layer, attr))
@@ -301,13 +311,13 @@ impl Filesystem for UnionFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        thread_local! {
-            static READ_BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-        }
-        READ_BUFFER.with_borrow_mut(|buf| match self.core.read_into(fh.0, offset, size, buf) {
-            Ok(()) => reply.data(buf),
-            Err(e) => reply.error(errno("read", e)),
-        });
+        self.read_buffers.lend(
+            |buf| match self.core.read_into(fh.0, offset, size, buf) {
+                Ok(()) => reply.data(buf),
+                Err(e) => reply.error(errno("read", e)),
+            },
+            || self.core.has_open_files(),
+        );
     }
 
     fn flush(
@@ -336,6 +346,7 @@ impl Filesystem for UnionFs {
     ) {
         self.backings.release(ino.0, fh.0);
         self.core.release(fh.0);
+        self.read_buffers.free_unless(|| self.core.has_open_files());
         reply.ok();
     }
 
@@ -444,7 +455,7 @@ impl Filesystem for UnionFs {
                 &entry.name,
                 &ttl,
                 &file_attr(&attr),
-                Generation(node.generation),
+                Generation(node.generation.into()),
             ) {
                 // Did not fit: the kernel never saw it, so it holds no reference.
                 self.core.forget(node.id, 1);
@@ -714,7 +725,7 @@ impl Filesystem for UnionFs {
             Ok(IoMode::Passthrough(backing)) => reply.created_passthrough(
                 &ttl,
                 &file_attr(&attr),
-                Generation(node.generation),
+                Generation(node.generation.into()),
                 FileHandle(fh),
                 FopenFlags::empty(),
                 &backing,
@@ -722,7 +733,7 @@ impl Filesystem for UnionFs {
             Ok(IoMode::Cached(flags)) => reply.created(
                 &ttl,
                 &file_attr(&attr),
-                Generation(node.generation),
+                Generation(node.generation.into()),
                 FileHandle(fh),
                 flags,
             ),

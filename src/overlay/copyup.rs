@@ -93,19 +93,13 @@ impl Overlay {
             .ok_or_else(|| Error::new(Errno::ESTALE, "copy up").with_path(node.path()))?;
         let tmp = work.temp_name();
         let ctx = |e: Error| e.with_layer(state.layer).with_path(node.path());
+        let attr = self.node_attr(node).map_err(ctx)?;
 
         // Kernel overlayfs keeps the parent's times across a copy-up: the
         // directory did not change in the merged view.
         let parent_times = DirTimes::of(upper).map_err(ctx)?;
         let built = self
-            .build_copy(
-                lower.fd()?.as_fd(),
-                &name,
-                work.fd(),
-                &tmp,
-                &state.attr,
-                data,
-            )
+            .build_copy(lower.fd()?.as_fd(), &name, work.fd(), &tmp, &attr, data)
             .and_then(|()| {
                 renameat2(
                     work.fd(),
@@ -141,13 +135,11 @@ impl Overlay {
             layers.extend(old.layers.iter().cloned());
             NodeState {
                 layer: upper.layer,
-                attr: state.attr,
                 dir: Some(Arc::new(DirStack { layers })),
             }
         } else {
             NodeState {
                 layer: upper.layer,
-                attr: state.attr,
                 dir: None,
             }
         };

@@ -1,13 +1,22 @@
 //! The merged lookup cache: what a name in a directory node resolved to (a
 //! node id, or nothing), so repeated lookups on the hot path never touch
 //! the layers. Entries are corrected by the operations that change a name.
+//!
+//! The kernel may hold a node for every file of a tree, each with a
+//! positive entry here, so those are kept small: keyed by a hash of
+//! (parent, name), with no copy of the name. The node holds its names, and
+//! the caller checks a hit against them (`Node::has_name`): a node found
+//! through a colliding hash is a miss. Negative entries keep their name.
 
-use std::ffi::{OsStr, OsString};
+use std::collections::hash_map::RandomState;
+use std::ffi::OsStr;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 
-/// A cached answer for (parent node, name).
+/// A cached answer for (parent node, name). A positive one names a node
+/// the caller still has to check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Dentry {
     Positive(u64),
@@ -18,49 +27,87 @@ pub(crate) enum Dentry {
 /// cache when something probes many names that do not exist.
 const MAX_NEGATIVE: usize = 100_000;
 
+/// The maps' keys are hashes already.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, _: &[u8]) {
+        unreachable!("keys are u64 hashes")
+    }
+
+    fn write_u64(&mut self, hash: u64) {
+        self.0 = hash;
+    }
+}
+
+type ByHash<V> = DashMap<u64, V, BuildHasherDefault<Prehashed>>;
+
 #[derive(Debug, Default)]
 pub(crate) struct DentryCache {
-    map: DashMap<(u64, OsString), Dentry>,
+    keys: RandomState,
+    positive: ByHash<u64>,
+    negative: ByHash<(u64, Box<OsStr>)>,
     negatives: AtomicUsize,
 }
 
 impl DentryCache {
-    /// Takes the key by value and gives it back, so a caller holding an
-    /// owned name looks it up without a copy.
-    pub(crate) fn get_keyed(&self, key: (u64, OsString)) -> (Option<Dentry>, (u64, OsString)) {
-        let found = self.map.get(&key).map(|d| *d);
-        (found, key)
+    fn key(&self, parent: u64, name: &OsStr) -> u64 {
+        self.keys.hash_one((parent, name))
     }
 
     pub(crate) fn get(&self, parent: u64, name: &OsStr) -> Option<Dentry> {
-        self.get_keyed((parent, name.to_os_string())).0
+        let key = self.key(parent, name);
+        if let Some(id) = self.positive.get(&key) {
+            return Some(Dentry::Positive(*id));
+        }
+        self.negative
+            .get(&key)
+            .filter(|entry| entry.0 == parent && *entry.1 == *name)
+            .map(|_| Dentry::Negative)
     }
 
-    pub(crate) fn insert_positive(&self, parent: u64, name: OsString, id: u64) {
-        self.map.insert((parent, name), Dentry::Positive(id));
+    pub(crate) fn insert_positive(&self, parent: u64, name: &OsStr, id: u64) {
+        let key = self.key(parent, name);
+        self.negative.remove(&key);
+        self.positive.insert(key, id);
     }
 
-    pub(crate) fn insert_negative(&self, parent: u64, name: OsString) {
+    pub(crate) fn insert_negative(&self, parent: u64, name: &OsStr) {
         if self.negatives.fetch_add(1, Ordering::Relaxed) >= MAX_NEGATIVE {
-            self.map.retain(|_, d| matches!(d, Dentry::Positive(_)));
+            self.negative.clear();
             self.negatives.store(0, Ordering::Relaxed);
         }
-        self.map.insert((parent, name), Dentry::Negative);
+        let key = self.key(parent, name);
+        self.positive.remove(&key);
+        self.negative.insert(key, (parent, name.into()));
     }
 
     pub(crate) fn remove(&self, parent: u64, name: &OsStr) {
-        self.map.remove(&(parent, name.to_os_string()));
+        let key = self.key(parent, name);
+        self.positive.remove(&key);
+        self.negative.remove(&key);
     }
 
-    /// Removes the entry only while it still names `id` (a newer answer for
-    /// the name stays).
-    pub(crate) fn remove_if_points_to(&self, parent: u64, name: OsString, id: u64) {
-        self.map
-            .remove_if(&(parent, name), |_, d| *d == Dentry::Positive(id));
+    /// Removes the positive entry only while it still names `id` (a newer
+    /// answer for the name stays).
+    pub(crate) fn remove_if_points_to(&self, parent: u64, name: &OsStr, id: u64) {
+        self.positive
+            .remove_if(&self.key(parent, name), |_, cached| *cached == id);
     }
 
-    pub(crate) fn shrink_to_fit(&self) {
-        self.map.shrink_to_fit();
+    /// Gives back the room of entries that went, once most of it is empty.
+    pub(crate) fn shrink(&self) {
+        if self.positive.len() * 4 < self.positive.capacity() {
+            self.positive.shrink_to_fit();
+        }
+        if self.negative.len() * 4 < self.negative.capacity() {
+            self.negative.shrink_to_fit();
+        }
     }
 }
 
@@ -68,28 +115,45 @@ impl DentryCache {
 mod tests {
     use super::*;
 
+    fn name(s: &str) -> &OsStr {
+        OsStr::new(s)
+    }
+
     #[test]
     fn answers_and_corrections() {
         let cache = DentryCache::default();
-        cache.insert_positive(1, "a".into(), 7);
-        cache.insert_negative(1, "b".into());
-        assert_eq!(cache.get(1, OsStr::new("a")), Some(Dentry::Positive(7)));
-        assert_eq!(cache.get(1, OsStr::new("b")), Some(Dentry::Negative));
-        assert_eq!(cache.get(2, OsStr::new("a")), None);
-        cache.remove_if_points_to(1, "a".into(), 8);
-        assert_eq!(cache.get(1, OsStr::new("a")), Some(Dentry::Positive(7)));
-        cache.remove_if_points_to(1, "a".into(), 7);
-        assert_eq!(cache.get(1, OsStr::new("a")), None);
+        cache.insert_positive(1, name("a"), 7);
+        cache.insert_negative(1, name("b"));
+        assert_eq!(cache.get(1, name("a")), Some(Dentry::Positive(7)));
+        assert_eq!(cache.get(1, name("b")), Some(Dentry::Negative));
+        assert_eq!(cache.get(2, name("a")), None);
+        assert_eq!(cache.get(2, name("b")), None);
+        cache.remove_if_points_to(1, name("a"), 8);
+        assert_eq!(cache.get(1, name("a")), Some(Dentry::Positive(7)));
+        cache.remove_if_points_to(1, name("a"), 7);
+        assert_eq!(cache.get(1, name("a")), None);
+    }
+
+    #[test]
+    fn the_latest_answer_for_a_name_wins() {
+        let cache = DentryCache::default();
+        cache.insert_positive(1, name("a"), 7);
+        cache.insert_negative(1, name("a"));
+        assert_eq!(cache.get(1, name("a")), Some(Dentry::Negative));
+        cache.insert_positive(1, name("a"), 9);
+        assert_eq!(cache.get(1, name("a")), Some(Dentry::Positive(9)));
+        cache.remove(1, name("a"));
+        assert_eq!(cache.get(1, name("a")), None);
     }
 
     #[test]
     fn negative_entries_are_bounded() {
         let cache = DentryCache::default();
-        cache.insert_positive(1, "kept".into(), 3);
+        cache.insert_positive(1, name("kept"), 3);
         for i in 0..=MAX_NEGATIVE {
-            cache.insert_negative(1, format!("n{i}").into());
+            cache.insert_negative(1, OsStr::new(&format!("n{i}")));
         }
-        assert!(cache.map.len() <= 2, "negatives dropped wholesale");
-        assert_eq!(cache.get(1, OsStr::new("kept")), Some(Dentry::Positive(3)));
+        assert!(cache.negative.len() <= 1, "negatives dropped wholesale");
+        assert_eq!(cache.get(1, name("kept")), Some(Dentry::Positive(3)));
     }
 }

@@ -105,11 +105,13 @@ impl Overlay {
     /// Takes every name from `node`, in the core's lookup cache and the
     /// kernel's too.
     fn unlink_all_names(&self, node: &Arc<Node>) {
+        // The lower file's, for a getattr none of its descriptors answers.
+        let last = self.node_attr(node).ok();
         for (parent, name) in node.names() {
             node.remove_name(parent.id, &name);
             self.forget_dentry(parent.id, &name);
             self.invalidate_entry(parent.id, &name);
         }
-        node.mark_unlinked();
+        node.mark_unlinked(last);
     }
 }

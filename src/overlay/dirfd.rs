@@ -213,9 +213,24 @@ impl Budget {
         if held > limit {
             self.evict(&mut queue, held - limit);
         }
-        if queue.len() > 2 * limit + 64 {
-            queue.retain(|w| w.strong_count() > 0);
+        // A weak entry keeps its slot's memory: entries of closed and dropped
+        // slots go once they are half the queue, not only past the limit
+        // (the daemon's is about half a million).
+        if queue.len() > 2 * held + 64 {
+            Budget::keep_open(&mut queue);
         }
+    }
+
+    fn keep_open(queue: &mut VecDeque<Weak<SlotCell>>) {
+        queue.retain(|w| w.upgrade().is_some_and(|slot| slot.lock().is_some()));
+    }
+
+    /// Drops the entries of closed and dropped slots, and the room they
+    /// took: after the kernel forgot many directories.
+    fn prune(&self) {
+        let mut queue = self.queue.lock();
+        Budget::keep_open(&mut queue);
+        queue.shrink_to_fit();
     }
 
     /// Closes `excess` of the oldest open slots.
@@ -255,6 +270,11 @@ pub fn dir_fd(dir: &DirLayer) -> Result<DirFd> {
         open = Some(ancestor.lazy_fd().reopen(open.as_ref())?);
     }
     dir.lazy_fd().reopen(open.as_ref())
+}
+
+/// Gives back what directories dropped since the last time leave behind.
+pub(crate) fn release_memory() {
+    BUDGET.prune();
 }
 
 #[cfg(test)]
@@ -344,5 +364,21 @@ mod tests {
         assert_eq!(budget.held(), 30);
         drop(dirs);
         assert_eq!(budget.held(), 0, "a dropped chain still counts as held");
+        budget.prune();
+        assert!(budget.queue.lock().is_empty(), "dropped slots stay queued");
+    }
+
+    #[test]
+    fn the_queue_follows_the_open_slots_not_the_limit() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("d")).unwrap();
+        let budget = Budget::with_limit(100_000);
+        for _ in 0..1000 {
+            drop(chain(budget, t.path(), 1));
+        }
+        assert!(
+            budget.queue.lock().len() <= 2 * 64 + 2,
+            "dropped slots pile up"
+        );
     }
 }

@@ -134,16 +134,11 @@ impl Overlay {
     }
 
     /// Attributes through an open handle: right even after the name is gone.
-    pub fn getattr_open(&self, id: u64, fh: u64) -> Result<super::attr::Attr> {
+    pub fn getattr_open(&self, fh: u64) -> Result<super::attr::Attr> {
         let open = self.open_file(fh)?;
         let st = nix::sys::stat::fstat(&*open.file()).sys("fstat")?;
-        let state = open.node.state();
         let mut attr = super::attr::Attr::from_stat(&st);
-        attr.ino = if id == super::ino::ROOT_ID {
-            state.attr.ino
-        } else {
-            open.node.id
-        };
+        attr.ino = self.ino(&open.node);
         Ok(self.shown(attr))
     }
 
@@ -187,6 +182,10 @@ impl Overlay {
 
     pub fn release(&self, fh: u64) {
         self.handles.remove_file(fh);
+    }
+
+    pub fn has_open_files(&self) -> bool {
+        self.handles.has_files()
     }
 
     pub fn open_file(&self, fh: u64) -> Result<Arc<OpenFile>> {

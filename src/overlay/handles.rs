@@ -71,6 +71,10 @@ impl Handles {
             .collect()
     }
 
+    pub fn has_files(&self) -> bool {
+        !self.files.is_empty()
+    }
+
     pub fn remove_file(&self, fh: u64) -> Option<Arc<OpenFile>> {
         self.files.remove(&fh).map(|(_, f)| f)
     }

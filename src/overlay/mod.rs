@@ -171,13 +171,13 @@ impl Overlay {
         let top = stack.top();
         let raw = Attr::from_stat(&fstat(top.fd()?).sys("fstat root")?);
         let root_ino = inos.map(raw.dev, raw.ino);
-        let attr = merged_attr(raw, root_ino, stack.is_merged());
         let root = Node::new(
             ROOT_ID,
-            Location::new(None, OsString::new()),
+            0,
+            raw.kind(),
+            Location::new(None, OsStr::new("")),
             NodeState {
                 layer: top.layer,
-                attr,
                 dir: Some(Arc::new(stack)),
             },
         );
@@ -263,8 +263,13 @@ impl Overlay {
             Some(Dentry::Negative) => return Err(Error::new(Errno::ENOENT, "lookup")),
             Some(Dentry::Positive(id)) => {
                 if let Some(node) = self.nodes.take_ref(id) {
-                    let attr = self.node_attr(&node)?;
-                    return Ok((node, attr));
+                    if node.has_name(parent, name) {
+                        let attr = self.node_attr(&node)?;
+                        return Ok((node, attr));
+                    }
+                    // Another name with the same hash: give the reference
+                    // back and resolve.
+                    self.forget(id, 1);
                 }
             }
             None => {}
@@ -274,16 +279,17 @@ impl Overlay {
         let resolved = resolve::resolve_child(&self.layers, &stack, name)
             .map_err(|e| e.with_path(join(&parent_node.path(), name)))?;
         let Some(resolved) = resolved else {
-            self.dentries.insert_negative(parent, name.to_os_string());
+            self.dentries.insert_negative(parent, name);
             return Err(Error::new(Errno::ENOENT, "lookup"));
         };
+        let merged = resolved.dir.as_ref().is_some_and(|d| d.is_merged());
+        let resolved_attr = resolved.attr;
         let (node, fresh) = self.intern(&parent_node, name, resolved);
-        self.dentries
-            .insert_positive(parent, name.to_os_string(), node.id);
-        // A node made just now has the stat the resolution took; an existing
-        // one may hold attributes from before a copy-up.
+        self.dentries.insert_positive(parent, name, node.id);
+        // A node made just now is what the resolution stat'ed; an existing
+        // one may have been copied up since.
         let attr = if fresh {
-            node.state().attr
+            merged_attr(resolved_attr, node.id, merged)
         } else {
             self.node_attr(&node)?
         };
@@ -354,8 +360,7 @@ impl Overlay {
             .take_ref(node.id)
             .ok_or_else(|| Error::new(Errno::ESTALE, "link").with_path(node.path()))?;
         node.add_alias(parent, name);
-        self.dentries
-            .insert_positive(parent.id, name.to_os_string(), node.id);
+        self.dentries.insert_positive(parent.id, name, node.id);
         Ok(node)
     }
 
@@ -380,44 +385,50 @@ impl Overlay {
     fn new_node(
         &self,
         id: u64,
-        generation: u64,
+        generation: u32,
         parent: &Arc<Node>,
         name: &OsStr,
         resolved: &resolve::Resolved,
     ) -> Node {
-        let merged = resolved.dir.as_ref().is_some_and(|d| d.is_merged());
-        Node::with_generation(
+        Node::new(
             id,
             generation,
-            Location::new(Some(parent.clone()), name.to_os_string()),
+            resolved.attr.kind(),
+            Location::new(Some(parent.clone()), name),
             NodeState {
                 layer: resolved.layer,
-                attr: merged_attr(resolved.attr, id, merged),
                 dir: resolved.dir.clone().map(Arc::new),
             },
         )
     }
 
-    /// Drops `n` kernel references to `id`; the node goes when none are left.
-    pub fn forget(&self, id: u64, n: u64) {
+    /// Drops `n` kernel references to `id`; the node goes when none are
+    /// left. Returns whether it went.
+    pub fn forget(&self, id: u64, n: u64) -> bool {
         if id == ROOT_ID {
-            return;
+            return false;
         }
         let Some(node) = self.nodes.forget(id, n) else {
-            return;
+            return false;
         };
         self.detached.remove(&id);
         if let Some(parent) = node.parent() {
             self.dentries
-                .remove_if_points_to(parent.id, node.name(), id);
+                .remove_if_points_to(parent.id, &node.name(), id);
         }
-        drop(node);
-        // After the kernel forgets a large part of the tree, RSS should
-        // follow the node count back down.
-        if self.nodes.shrank_a_lot() {
-            self.dentries.shrink_to_fit();
-            sys::release_free_memory();
-        }
+        true
+    }
+
+    /// Hands the memory of forgotten nodes back to the system: the tables'
+    /// room, and the allocator's free pages, which glibc keeps otherwise.
+    /// Worth it after the kernel forgot many nodes, not after each.
+    pub fn release_memory(&self) {
+        self.nodes.shrink();
+        self.dentries.shrink();
+        dirfd::release_memory();
+        sys::release_free_memory();
+        let (in_use, free) = sys::heap_usage();
+        tracing::debug!(in_use, free, "memory handed back");
     }
 
     /// The attributes the merged view shows.
@@ -464,18 +475,18 @@ impl Overlay {
         !self.no_acl
     }
 
-    /// Lower layers never change while mounted, so their attributes are
-    /// served from the node; upper objects are stat'ed afresh.
-    fn node_attr(&self, node: &Node) -> Result<Attr> {
+    /// The attributes of the node's backing object as it is now (stored
+    /// owners). Not kept in the node: the kernel caches them, and asks
+    /// again only when its cache expires or drops them.
+    pub(crate) fn node_attr(&self, node: &Node) -> Result<Attr> {
         let state = node.state();
-        if !self.layers[state.layer].upper {
-            return Ok(state.attr);
-        }
         if node.is_unlinked() {
             // Its old name may hold another file by now: ask an open handle.
             let mut attr = match self.handles.files_of(node.id).first() {
                 Some(open) => Attr::from_stat(&fstat(&*open.file()).sys("fstat")?),
-                None => state.attr,
+                None => node
+                    .unlinked_attr()
+                    .ok_or_else(|| Error::new(Errno::ESTALE, "getattr").with_path(node.path()))?,
             };
             attr.ino = node.id;
             attr.nlink = 0;
@@ -492,14 +503,17 @@ impl Overlay {
         }
         .map_err(|e| e.with_layer(state.layer).with_path(node.path()))?;
         let merged = state.dir.as_ref().is_some_and(|d| d.is_merged());
-        let ino = if node.id == ROOT_ID {
+        Ok(merged_attr(Attr::from_stat(&raw), self.ino(node), merged))
+    }
+
+    /// The inode number the merged view shows for the node: its id, but
+    /// for the root the number its own backing object maps to.
+    pub(crate) fn ino(&self, node: &Node) -> u64 {
+        if node.id == ROOT_ID {
             self.root_ino
         } else {
             node.id
-        };
-        let attr = merged_attr(Attr::from_stat(&raw), ino, merged);
-        node.set_attr(attr);
-        Ok(attr)
+        }
     }
 
     fn backing(&self, node: &Node) -> Result<Backing> {

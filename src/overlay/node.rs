@@ -166,21 +166,44 @@ impl DirStack {
     }
 }
 
+/// Another name of a hard-linked file: its parent and the name there.
+type Alias = (Arc<Node>, Box<OsStr>);
+
+/// What few nodes have, out of line so that the others pay 8 bytes for it.
+#[derive(Debug, Default)]
+struct Rare {
+    /// Other names of a hard-linked file that this mount has seen.
+    aliases: Vec<Alias>,
+    /// Its attributes when its last name went (see `Node::mark_unlinked`).
+    unlinked: Option<Attr>,
+}
+
 #[derive(Debug)]
 pub struct Location {
     pub parent: Option<Arc<Node>>,
-    pub name: OsString,
-    /// Other names of a hard-linked file that this mount has seen.
-    pub aliases: Vec<(Arc<Node>, OsString)>,
+    name: Box<OsStr>,
+    rare: Option<Box<Rare>>,
 }
 
 impl Location {
-    pub fn new(parent: Option<Arc<Node>>, name: OsString) -> Location {
+    pub fn new(parent: Option<Arc<Node>>, name: &OsStr) -> Location {
         Location {
             parent,
-            name,
-            aliases: Vec::new(),
+            name: name.into(),
+            rare: None,
         }
+    }
+
+    fn aliases(&self) -> &[Alias] {
+        self.rare.as_deref().map_or(&[], |r| r.aliases.as_slice())
+    }
+
+    fn aliases_mut(&mut self) -> &mut Vec<Alias> {
+        &mut self.rare.get_or_insert_default().aliases
+    }
+
+    fn is(&self, parent: u64, name: &OsStr) -> bool {
+        self.parent.as_ref().map(|p| p.id) == Some(parent) && *self.name == *name
     }
 }
 
@@ -189,18 +212,19 @@ impl Location {
 pub struct NodeState {
     /// Index of the topmost layer holding the object.
     pub layer: usize,
-    /// Attributes as of the last stat (merged ino and nlink already applied).
-    pub attr: Attr,
     pub dir: Option<Arc<DirStack>>,
 }
 
+/// What the kernel knows by a node id. Kept small: the kernel may hold one
+/// per file of a tree. Attributes are not kept; they are read from the
+/// backing object when asked for.
 #[derive(Debug)]
 pub struct Node {
     pub id: u64,
     /// Bumped when the id is reused for a new object (the backing inode
     /// number came back after an unlink); the kernel then retires the old
     /// inode instead of confusing the two.
-    pub generation: u64,
+    pub generation: u32,
     pub kind: FileKind,
     lookups: AtomicU64,
     loc: RwLock<Location>,
@@ -208,7 +232,7 @@ pub struct Node {
     /// Held while the node is copied up, so racing writers copy up once.
     pub copy_up_lock: Mutex<()>,
     /// Its last name is gone; it lives on through open handles only.
-    unlinked: std::sync::atomic::AtomicBool,
+    unlinked: AtomicBool,
 }
 
 impl Drop for Node {
@@ -219,7 +243,9 @@ impl Drop for Node {
     fn drop(&mut self) {
         fn take_parents(loc: &mut Location, orphans: &mut Vec<Arc<Node>>) {
             orphans.extend(loc.parent.take());
-            orphans.extend(loc.aliases.drain(..).map(|(p, _)| p));
+            if let Some(rare) = loc.rare.take() {
+                orphans.extend(rare.aliases.into_iter().map(|(p, _)| p));
+            }
         }
         let mut orphans = Vec::new();
         take_parents(self.loc.get_mut(), &mut orphans);
@@ -232,29 +258,38 @@ impl Drop for Node {
 }
 
 impl Node {
-    pub fn new(id: u64, loc: Location, state: NodeState) -> Node {
-        Node::with_generation(id, 0, loc, state)
-    }
-
-    pub fn with_generation(id: u64, generation: u64, loc: Location, state: NodeState) -> Node {
+    pub fn new(id: u64, generation: u32, kind: FileKind, loc: Location, state: NodeState) -> Node {
         Node {
             id,
             generation,
-            kind: state.attr.kind(),
+            kind,
             lookups: AtomicU64::new(0),
             loc: RwLock::new(loc),
             state: RwLock::new(state),
             copy_up_lock: Mutex::new(()),
-            unlinked: std::sync::atomic::AtomicBool::new(false),
+            unlinked: AtomicBool::new(false),
         }
     }
 
-    pub fn mark_unlinked(&self) {
+    /// Its last name is gone; `last` is what it was as it went, for a
+    /// getattr no open handle can answer.
+    pub fn mark_unlinked(&self, last: Option<Attr>) {
+        if last.is_some() {
+            self.loc.write().rare.get_or_insert_default().unlinked = last;
+        }
         self.unlinked.store(true, Ordering::Release);
     }
 
     pub fn is_unlinked(&self) -> bool {
         self.unlinked.load(Ordering::Acquire)
+    }
+
+    /// The attributes it had when its last name went, if it has.
+    pub fn unlinked_attr(&self) -> Option<Attr> {
+        if !self.is_unlinked() {
+            return None;
+        }
+        self.loc.read().rare.as_ref().and_then(|r| r.unlinked)
     }
 
     pub fn set_state(&self, state: NodeState) {
@@ -264,21 +299,38 @@ impl Node {
     /// All names of the node: its primary location first, then aliases.
     pub fn names(&self) -> Vec<(Arc<Node>, OsString)> {
         let loc = self.loc.read();
-        let mut names = Vec::with_capacity(1 + loc.aliases.len());
+        let mut names = Vec::with_capacity(1 + loc.aliases().len());
         if let Some(parent) = &loc.parent {
-            names.push((parent.clone(), loc.name.clone()));
+            names.push((parent.clone(), loc.name.to_os_string()));
         }
-        names.extend(loc.aliases.iter().cloned());
+        names.extend(
+            loc.aliases()
+                .iter()
+                .map(|(p, n)| (p.clone(), n.to_os_string())),
+        );
         names
+    }
+
+    /// Whether (parent, name) is one of its names now.
+    pub fn has_name(&self, parent: u64, name: &OsStr) -> bool {
+        let loc = self.loc.read();
+        loc.is(parent, name)
+            || loc
+                .aliases()
+                .iter()
+                .any(|(p, n)| p.id == parent && **n == *name)
     }
 
     /// Records another name of a hard-linked node.
     pub fn add_alias(&self, parent: &Arc<Node>, name: &OsStr) {
         let mut loc = self.loc.write();
-        let is_known = |p: &Arc<Node>, n: &OsStr| p.id == parent.id && n == name;
-        let primary = loc.parent.as_ref().is_some_and(|p| is_known(p, &loc.name));
-        if !primary && !loc.aliases.iter().any(|(p, n)| is_known(p, n)) {
-            loc.aliases.push((parent.clone(), name.to_os_string()));
+        let known = loc.is(parent.id, name)
+            || loc
+                .aliases()
+                .iter()
+                .any(|(p, n)| p.id == parent.id && **n == *name);
+        if !known {
+            loc.aliases_mut().push((parent.clone(), name.into()));
         }
     }
 
@@ -286,10 +338,12 @@ impl Node {
     /// Returns whether the node still has a name.
     pub fn remove_name(&self, parent: u64, name: &OsStr) -> bool {
         let mut loc = self.loc.write();
-        loc.aliases.retain(|(p, n)| !(p.id == parent && n == name));
-        let primary = loc.parent.as_ref().map(|p| p.id) == Some(parent) && loc.name == name;
-        if primary {
-            if let Some((p, n)) = loc.aliases.pop() {
+        if let Some(rare) = &mut loc.rare {
+            rare.aliases
+                .retain(|(p, n)| !(p.id == parent && **n == *name));
+        }
+        if loc.is(parent, name) {
+            if let Some((p, n)) = loc.rare.as_mut().and_then(|r| r.aliases.pop()) {
                 loc.parent = Some(p);
                 loc.name = n;
             } else {
@@ -310,24 +364,21 @@ impl Node {
         new_name: &OsStr,
     ) {
         let mut loc = self.loc.write();
-        if loc.parent.as_ref().map(|p| p.id) == Some(old_parent) && loc.name == old_name {
+        if loc.is(old_parent, old_name) {
             loc.parent = Some(new_parent.clone());
-            loc.name = new_name.to_os_string();
+            loc.name = new_name.into();
         } else if let Some(alias) = loc
-            .aliases
+            .rare
             .iter_mut()
-            .find(|(p, n)| p.id == old_parent && n == old_name)
+            .flat_map(|r| r.aliases.iter_mut())
+            .find(|(p, n)| p.id == old_parent && **n == *old_name)
         {
-            *alias = (new_parent.clone(), new_name.to_os_string());
+            *alias = (new_parent.clone(), new_name.into());
         }
     }
 
     pub fn state(&self) -> NodeState {
         self.state.read().clone()
-    }
-
-    pub fn set_attr(&self, attr: Attr) {
-        self.state.write().attr = attr;
     }
 
     pub fn dir_stack(&self) -> Result<Arc<DirStack>> {
@@ -343,12 +394,11 @@ impl Node {
     }
 
     pub fn name(&self) -> OsString {
-        self.loc.read().name.clone()
+        self.loc.read().name.to_os_string()
     }
 
     pub fn is_at(&self, parent: u64, name: &OsStr) -> bool {
-        let loc = self.loc.read();
-        loc.parent.as_ref().map(|p| p.id) == Some(parent) && loc.name == name
+        self.loc.read().is(parent, name)
     }
 
     /// The path inside the merged tree, for messages.
@@ -389,5 +439,17 @@ impl Node {
 
     pub fn lookups(&self) -> u64 {
         self.lookups.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel may hold a node per file of a tree: with its Arc counts
+    /// a node takes one 112-byte block of glibc's heap, and no more.
+    #[test]
+    fn a_node_fits_a_112_byte_block() {
+        assert!(std::mem::size_of::<Node>() + 2 * std::mem::size_of::<usize>() <= 104);
     }
 }

@@ -31,8 +31,6 @@ pub(crate) struct NodeTable {
     copied_up: DashMap<(u64, u64), u64>,
     /// Nodes in the table (DashMap's len() would lock every shard).
     live: AtomicUsize,
-    /// Largest node count since memory was last handed back.
-    peak: AtomicUsize,
 }
 
 impl NodeTable {
@@ -46,16 +44,11 @@ impl NodeTable {
             inos,
             copied_up: DashMap::new(),
             live: AtomicUsize::new(1),
-            peak: AtomicUsize::new(0),
         }
     }
 
     pub(crate) fn get(&self, id: u64) -> Option<Arc<Node>> {
         self.nodes.get(&id).map(|n| n.clone())
-    }
-
-    pub(crate) fn contains(&self, id: u64) -> bool {
-        self.nodes.contains_key(&id)
     }
 
     #[cfg(test)]
@@ -104,7 +97,7 @@ impl NodeTable {
         &self,
         mut id: u64,
         judge: impl Fn(&Arc<Node>) -> Existing,
-        make: impl Fn(u64, u64) -> Node,
+        make: impl Fn(u64, u32) -> Node,
     ) -> (Arc<Node>, bool) {
         loop {
             match self.nodes.entry(id) {
@@ -118,7 +111,7 @@ impl NodeTable {
                         // References the kernel still holds on the old
                         // inode carry over, so its eventual FORGET balances.
                         let old = existing.get();
-                        let fresh = Arc::new(make(id, old.generation + 1));
+                        let fresh = Arc::new(make(id, old.generation.wrapping_add(1)));
                         fresh.add_lookups(old.lookups() + 1);
                         existing.insert(fresh.clone());
                         return (fresh, true);
@@ -132,8 +125,7 @@ impl NodeTable {
                     let node = Arc::new(make(id, 0));
                     node.add_lookups(1);
                     slot.insert(node.clone());
-                    let live = self.live.fetch_add(1, Ordering::Relaxed) + 1;
-                    self.peak.fetch_max(live, Ordering::Relaxed);
+                    self.live.fetch_add(1, Ordering::Relaxed);
                     return (node, true);
                 }
             }
@@ -152,21 +144,11 @@ impl NodeTable {
         Some(node)
     }
 
-    /// Whether the kernel has forgotten a large part of the tree since the
-    /// last time: then freed memory is worth returning to the system.
-    /// Shrinks the table itself when it got small.
-    pub(crate) fn shrank_a_lot(&self) -> bool {
-        const MIN_DROP: usize = 50_000;
-        let len = self.live.load(Ordering::Relaxed);
-        let peak = self.peak.load(Ordering::Relaxed);
-        if peak < len + MIN_DROP || len >= peak / 2 {
-            return false;
-        }
-        tracing::debug!(peak, now = len, "nodes forgotten; releasing memory");
-        self.peak.store(len, Ordering::Relaxed);
-        if len < MIN_DROP {
+    /// Gives back the table's room for nodes the kernel forgot, once most
+    /// of it is empty.
+    pub(crate) fn shrink(&self) {
+        if self.live.load(Ordering::Relaxed) * 4 < self.nodes.capacity() {
             self.nodes.shrink_to_fit();
         }
-        true
     }
 }

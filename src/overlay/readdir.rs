@@ -53,7 +53,7 @@ impl Overlay {
         let mut out = Vec::with_capacity(pending.len() + 2);
         out.push(DirEntry {
             name: OsString::from("."),
-            ino: node.state().attr.ino,
+            ino: self.ino(node),
             kind: FileKind::Directory,
         });
         out.push(DirEntry {
@@ -61,7 +61,7 @@ impl Overlay {
             ino: self
                 .nodes
                 .get(parent_id)
-                .map(|p| p.state().attr.ino)
+                .map(|p| self.ino(&p))
                 .unwrap_or(parent_id),
             kind: FileKind::Directory,
         });
@@ -128,12 +128,14 @@ impl Overlay {
     /// number. A directory whose top copy is in the upper may take a lower
     /// copy's number (merged, or moved with a redirect): it is resolved as a
     /// lookup would.
-    /// Takes the entry and gives its name back, so that looking the name up
-    /// in the dentry cache costs no copy of it.
+    /// Takes the entry and gives its name back.
     fn entry_ino(&self, dir_id: u64, stack: &super::node::DirStack, p: Pending) -> (u64, OsString) {
-        let (cached, (_, name)) = self.dentries.get_keyed((dir_id, p.name));
-        if let Some(Dentry::Positive(id)) = cached
-            && self.nodes.contains(id)
+        let name = p.name;
+        if let Some(Dentry::Positive(id)) = self.dentries.get(dir_id, &name)
+            && self
+                .nodes
+                .get(id)
+                .is_some_and(|node| node.has_name(dir_id, &name))
         {
             return (id, name);
         }

@@ -275,7 +275,7 @@ impl Overlay {
             } else if dnode.remove_name(new_parent, new_name) {
                 self.invalidate_attr(dnode.id);
             } else {
-                dnode.mark_unlinked();
+                dnode.mark_unlinked(Some(dnode.attr));
             }
         }
         self.forget_dentry(parent, name);

@@ -317,9 +317,9 @@ impl Overlay {
             // Other names of the file see its link count drop.
             self.invalidate_attr(child.id);
         } else {
-            child.mark_unlinked();
+            child.mark_unlinked(Some(attr));
         }
-        self.dentries.insert_negative(parent, name.to_os_string());
+        self.dentries.insert_negative(parent, name);
         Ok(())
     }
 
