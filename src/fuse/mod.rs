@@ -4,6 +4,7 @@
 mod convert;
 mod notify;
 mod passthrough;
+mod stats;
 
 use std::cell::RefCell;
 use std::ffi::OsStr;
@@ -26,6 +27,8 @@ use crate::overlay::{Error, OpenFile, Overlay};
 pub use convert::file_attr;
 pub use notify::AsyncNotifier;
 use passthrough::{Backings, LowerPinned, OpenIo};
+use stats::Op;
+pub use stats::RequestCounts;
 
 /// The largest read the kernel sends in one request (fuser sizes max_pages
 /// from it), in bytes.
@@ -62,6 +65,7 @@ pub struct UnionFs {
     options: AdapterOptions,
     passthrough: AtomicBool,
     backings: Backings,
+    counts: Arc<RequestCounts>,
 }
 
 impl UnionFs {
@@ -71,7 +75,13 @@ impl UnionFs {
             options,
             passthrough: AtomicBool::new(false),
             backings: Backings::default(),
+            counts: Arc::default(),
         }
+    }
+
+    /// The request counters, for the daemon to log on SIGUSR1.
+    pub fn request_counts(&self) -> Arc<RequestCounts> {
+        self.counts.clone()
     }
 
     pub fn passthrough_enabled(&self) -> bool {
@@ -209,6 +219,7 @@ impl Filesystem for UnionFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.counts.count(Op::Lookup);
         match self.core.lookup(parent.0, name) {
             Ok((node, attr)) => {
                 let ttl = self.ttl(node.state().layer);
@@ -224,11 +235,17 @@ impl Filesystem for UnionFs {
         }
     }
 
+    fn destroy(&mut self) {
+        self.counts.log("requests served");
+    }
+
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.counts.count(Op::Forget);
         self.core.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.counts.count(Op::Getattr);
         match self.core.node(ino.0).and_then(|node| {
             let attr = match fh {
                 Some(fh) => self.core.getattr_open(ino.0, fh.0)?,
@@ -242,6 +259,7 @@ impl Filesystem for UnionFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.counts.count(Op::Readlink);
         match self.core.readlink(ino.0) {
             Ok(target) => reply.data(std::os::unix::ffi::OsStrExt::as_bytes(target.as_os_str())),
             Err(e) => reply.error(errno("readlink", e)),
@@ -249,6 +267,7 @@ impl Filesystem for UnionFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.counts.count(Op::Open);
         if crate::overlay::wants_write(flags.0) && self.lower_file_pinned(ino.0) {
             return reply.error(Errno::ETXTBSY);
         }
@@ -281,6 +300,7 @@ impl Filesystem for UnionFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.counts.count(Op::Read);
         thread_local! {
             static READ_BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
         }
@@ -298,6 +318,7 @@ impl Filesystem for UnionFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        self.counts.count(Op::Flush);
         // Nothing to do at close: no writeback cache, locks are the
         // kernel's. ENOSYS tells the kernel to stop sending FLUSH at all,
         // one round trip less on every close.
@@ -314,12 +335,14 @@ impl Filesystem for UnionFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.counts.count(Op::Release);
         self.backings.release(ino.0, fh.0);
         self.core.release(fh.0);
         reply.ok();
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.counts.count(Op::Opendir);
         match self.core.opendir(ino.0) {
             // The kernel may keep listings in its page cache: lower layers
             // never change, and the upper only through this mount, where
@@ -340,6 +363,7 @@ impl Filesystem for UnionFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        self.counts.count(Op::Readdir);
         let entries = match self.core.dir_entries(fh.0, offset) {
             Ok(entries) => entries,
             Err(e) => return reply.error(errno("readdir", e)),
@@ -366,6 +390,7 @@ impl Filesystem for UnionFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        self.counts.count(Op::Readdirplus);
         let entries = match self.core.dir_entries(fh.0, offset) {
             Ok(entries) => entries,
             Err(e) => return reply.error(errno("readdirplus", e)),
@@ -442,11 +467,13 @@ impl Filesystem for UnionFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        self.counts.count(Op::Releasedir);
         self.core.releasedir(fh.0);
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.counts.count(Op::Statfs);
         match self.core.statfs() {
             Ok(st) => reply.statfs(
                 st.blocks(),
@@ -463,6 +490,7 @@ impl Filesystem for UnionFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.counts.count(Op::Getxattr);
         match self.core.getxattr(ino.0, name) {
             Ok(value) => xattr_reply(reply, size, &value),
             Err(e) => reply.error(errno("getxattr", e)),
@@ -470,6 +498,7 @@ impl Filesystem for UnionFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.counts.count(Op::Listxattr);
         match self.core.listxattr(ino.0) {
             Ok(names) => xattr_reply(reply, size, &names),
             Err(e) => reply.error(errno("listxattr", e)),
@@ -477,6 +506,7 @@ impl Filesystem for UnionFs {
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        self.counts.count(Op::Access);
         reply_empty(
             reply,
             "access",
@@ -493,6 +523,7 @@ impl Filesystem for UnionFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        self.counts.count(Op::Lseek);
         match self.core.lseek(fh.0, offset, whence) {
             Ok(pos) => reply.offset(pos),
             Err(e) => reply.error(errno("lseek", e)),
@@ -517,6 +548,7 @@ impl Filesystem for UnionFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        self.counts.count(Op::Setattr);
         let time = |t: Option<TimeOrNow>| {
             t.map(|t| match t {
                 TimeOrNow::Now => SetTime::Now,
@@ -564,6 +596,7 @@ impl Filesystem for UnionFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        self.counts.count(Op::Mknod);
         let object = NewObject::Special {
             mode,
             rdev: convert::decode_dev(rdev),
@@ -583,6 +616,7 @@ impl Filesystem for UnionFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        self.counts.count(Op::Mkdir);
         let object = NewObject::Dir { mode };
         let result = self
             .core
@@ -598,6 +632,7 @@ impl Filesystem for UnionFs {
         target: &std::path::Path,
         reply: ReplyEntry,
     ) {
+        self.counts.count(Op::Symlink);
         let object = NewObject::Symlink {
             target: target.as_os_str(),
         };
@@ -613,6 +648,7 @@ impl Filesystem for UnionFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        self.counts.count(Op::Link);
         let result = self.core.node(ino.0).and_then(|node| {
             self.core
                 .create(newparent.0, newname, NewObject::Link { node }, caller(req))
@@ -621,10 +657,12 @@ impl Filesystem for UnionFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.counts.count(Op::Unlink);
         reply_empty(reply, "unlink", self.core.remove(parent.0, name, false));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.counts.count(Op::Rmdir);
         reply_empty(reply, "rmdir", self.core.remove(parent.0, name, true));
     }
 
@@ -638,6 +676,7 @@ impl Filesystem for UnionFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        self.counts.count(Op::Rename);
         let mode = if flags.contains(RenameFlags::RENAME_WHITEOUT) {
             return reply.error(Errno::EINVAL);
         } else if flags.contains(RenameFlags::RENAME_EXCHANGE) {
@@ -664,6 +703,7 @@ impl Filesystem for UnionFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        self.counts.count(Op::Create);
         let object = NewObject::File { mode, flags };
         let created = self
             .core
@@ -715,6 +755,7 @@ impl Filesystem for UnionFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.counts.count(Op::Write);
         let drop_setid = write_flags
             .contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
             .then(|| caller(req));
@@ -732,6 +773,7 @@ impl Filesystem for UnionFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.counts.count(Op::Fsync);
         reply_empty(reply, "fsync", self.core.fsync(fh.0, datasync));
     }
 
@@ -743,6 +785,7 @@ impl Filesystem for UnionFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.counts.count(Op::Fsyncdir);
         reply_empty(reply, "fsyncdir", self.core.fsyncdir(ino.0));
     }
 
@@ -756,6 +799,7 @@ impl Filesystem for UnionFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        self.counts.count(Op::Fallocate);
         match self
             .core
             .fallocate(fh.0, offset as i64, length as i64, mode)
@@ -778,6 +822,7 @@ impl Filesystem for UnionFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        self.counts.count(Op::CopyFileRange);
         let len = len.min(u32::MAX as u64) as usize;
         match self
             .core
@@ -798,6 +843,7 @@ impl Filesystem for UnionFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        self.counts.count(Op::Setxattr);
         reply_empty(
             reply,
             "setxattr",
@@ -806,6 +852,7 @@ impl Filesystem for UnionFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.counts.count(Op::Removexattr);
         reply_empty(reply, "removexattr", self.core.removexattr(ino.0, name));
     }
 }
