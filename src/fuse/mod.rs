@@ -22,6 +22,7 @@ use fuser::{
 };
 use tracing::{debug, warn};
 
+use crate::overlay::listing::Listed;
 use crate::overlay::write::{Caller, Created, NewObject, RenameMode, SetAttr, SetTime};
 use crate::overlay::{Error, OpenFile, Overlay};
 pub use convert::file_attr;
@@ -341,38 +342,36 @@ impl Filesystem for UnionFs {
         reply.ok();
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.counts.count(Op::Opendir);
-        match self.core.opendir(ino.0) {
-            // The kernel may keep listings in its page cache: lower layers
-            // never change, and the upper only through this mount, where
-            // every change bumps the directory's version, which drops them.
-            Ok(fh) => reply.opened(
-                FileHandle(fh),
-                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
-            ),
-            Err(e) => reply.error(errno("opendir", e)),
-        }
+        // Listings are served by node and offset; no handle is needed. The
+        // kernel may keep them in its page cache: lower layers never change,
+        // and the upper only through this mount, where the kernel bumps the
+        // directory's version at every change it makes, which drops them
+        // at the next read from the start.
+        reply.opened(
+            FileHandle(0),
+            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+        )
     }
 
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
         self.counts.count(Op::Readdir);
-        let entries = match self.core.dir_entries(fh.0, offset) {
-            Ok(entries) => entries,
+        let listing = match self.core.listing(ino.0, offset) {
+            Ok(listing) => listing,
             Err(e) => return reply.error(errno("readdir", e)),
         };
-        for (i, entry) in entries.iter().enumerate().skip(offset as usize) {
-            let next = i as u64 + 1;
+        for Listed { entry, offset } in listing.after(offset) {
             if reply.add(
                 INodeNo(entry.ino),
-                next,
+                *offset,
                 convert::file_type(entry.kind),
                 &entry.name,
             ) {
@@ -386,17 +385,17 @@ impl Filesystem for UnionFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
         self.counts.count(Op::Readdirplus);
-        let entries = match self.core.dir_entries(fh.0, offset) {
-            Ok(entries) => entries,
+        let listing = match self.core.listing(ino.0, offset) {
+            Ok(listing) => listing,
             Err(e) => return reply.error(errno("readdirplus", e)),
         };
-        for (i, entry) in entries.iter().enumerate().skip(offset as usize) {
-            let next = i as u64 + 1;
+        for listed in listing.after(offset) {
+            let (entry, next) = (&listed.entry, listed.offset);
             if entry.name == "." || entry.name == ".." {
                 // The kernel ignores the attributes of these; no lookup count.
                 let attr = convert::placeholder_attr(entry.ino, entry.kind);
@@ -414,7 +413,8 @@ impl Filesystem for UnionFs {
             }
             let (node, attr) = match self.core.lookup(ino.0, &entry.name) {
                 Ok(found) => found,
-                // Gone since the snapshot: skip it rather than fail the batch.
+                // Gone since the listing was taken: skip it rather than fail
+                // the batch.
                 Err(e) if e.errno() == nix::errno::Errno::ENOENT => continue,
                 Err(e) => {
                     // A name whose lookup fails (a directory with a bad
@@ -463,12 +463,11 @@ impl Filesystem for UnionFs {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
         self.counts.count(Op::Releasedir);
-        self.core.releasedir(fh.0);
         reply.ok();
     }
 

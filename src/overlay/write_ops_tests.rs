@@ -226,15 +226,14 @@ fn lookup_errno(ov: &Overlay, path: &str) -> Errno {
 
 /// The merged listing of a directory, without "." and "..", sorted.
 fn listing(ov: &Overlay, path: &str) -> Vec<String> {
-    let fh = ov.opendir(id(ov, path)).unwrap();
     let mut names: Vec<String> = ov
-        .dir_entries(fh, 0)
+        .listing(id(ov, path), 0)
         .unwrap()
+        .after(0)
         .iter()
-        .map(|e| e.name.clone().into_string().unwrap())
+        .map(|l| l.entry.name.clone().into_string().unwrap())
         .filter(|n| n != "." && n != "..")
         .collect();
-    ov.releasedir(fh);
     names.sort();
     names
 }
