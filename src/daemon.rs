@@ -461,6 +461,7 @@ fn serve(mount: &ValidMount, ready: &mut ReadyPipe) -> Result<(), String> {
             passthrough: mount.options.passthrough,
             lower_passthrough: mount.options.lower_passthrough,
             posix_acl: !mount.options.noacl,
+            answer_opendir: mount.options.access == Access::AllowRoot,
         },
     );
     let request_counts = fs.request_counts();

@@ -59,12 +59,19 @@ pub struct AdapterOptions {
     pub lower_passthrough: bool,
     /// Ask the kernel for POSIX ACL handling (not with `noacl`).
     pub posix_acl: bool,
+    /// Answer OPENDIR rather than let the kernel open directories on its
+    /// own: with `allow_root`, fuser refuses other users' requests, and a
+    /// listing of a directory the kernel already caches would otherwise
+    /// send none it could refuse.
+    pub answer_opendir: bool,
 }
 
 pub struct UnionFs {
     core: Arc<Overlay>,
     options: AdapterOptions,
     passthrough: AtomicBool,
+    /// OPENDIR is answered ENOSYS (decided at init).
+    no_opendir: bool,
     backings: Backings,
     counts: Arc<RequestCounts>,
 }
@@ -75,6 +82,7 @@ impl UnionFs {
             core,
             options,
             passthrough: AtomicBool::new(false),
+            no_opendir: false,
             backings: Backings::default(),
             counts: Arc::default(),
         }
@@ -210,6 +218,12 @@ impl Filesystem for UnionFs {
                 debug!("kernel offers no FUSE passthrough; serving reads through the daemon");
             }
         }
+        // Without the kernel's word that it opens directories on its own
+        // after ENOSYS, ENOSYS would fail every opendir(3).
+        self.no_opendir = !self.options.answer_opendir
+            && config
+                .capabilities()
+                .contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
         let _ = config.set_max_write(1 << 20);
         if let Err(max) = config.set_max_readahead(MAX_READAHEAD) {
             let _ = config.set_max_readahead(max);
@@ -344,6 +358,12 @@ impl Filesystem for UnionFs {
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.counts.count(Op::Opendir);
+        if self.no_opendir {
+            // The kernel then opens directories without asking (no OPENDIR
+            // and RELEASEDIR round trips), with no handle, and keeps their
+            // listings as answered below.
+            return reply.error(Errno::ENOSYS);
+        }
         // Listings are served by node and offset; no handle is needed. The
         // kernel may keep them in its page cache: lower layers never change,
         // and the upper only through this mount, where the kernel bumps the
