@@ -10,7 +10,9 @@
 //! listing is therefore only a cache, which may be dropped at any time:
 //! one is kept per directory while readers are in the middle of it, and
 //! dropped when one reaches its end, when the kernel forgets the directory,
-//! or to stay within a budget of entries.
+//! when no reader has continued in it for a minute (a reader that stopped
+//! halfway never says so: closedir sends nothing), or to stay within a
+//! budget of entries.
 //!
 //! Offsets stay below 2^31: 32-bit programs read directories through
 //! getdents(2), which cuts d_off to 32 bits, and seekdir(3) to a telldir(3)
@@ -22,7 +24,8 @@ use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 
@@ -35,9 +38,13 @@ const FIRST_NAME: u64 = 3;
 /// Room at the top for runs of names whose hashes meet.
 const NAME_SPAN: u64 = (1 << 31) - FIRST_NAME - (1 << 16);
 
-/// Entries held by all cached listings together. One directory larger than
-/// this is still served from a listing of its own; it only pushes the others out.
+/// Entries held by all cached listings together (some 20 MiB). One
+/// directory larger than this is still served from a listing of its own;
+/// it only pushes the others out.
 const ENTRY_BUDGET: usize = 1 << 18;
+/// A listing no reader has continued in for this long is dropped when the
+/// next one is put.
+const IDLE: Duration = Duration::from_secs(60);
 
 #[derive(Debug)]
 pub struct Listed {
@@ -96,34 +103,34 @@ impl Listing {
 
 struct Held {
     listing: Arc<Listing>,
-    last_used: u64,
+    last_used: Instant,
 }
 
 /// The listings readers are in the middle of, by directory node id.
 pub struct ListingCache {
     held: DashMap<u64, Held>,
     entries: AtomicUsize,
-    clock: AtomicU64,
     /// Keys the offset hash: chosen per mount, so names in a layer cannot
     /// be made to meet on purpose.
     keys: RandomState,
     budget: usize,
+    idle: Duration,
 }
 
 impl Default for ListingCache {
     fn default() -> ListingCache {
-        ListingCache::with_budget(ENTRY_BUDGET)
+        ListingCache::with_limits(ENTRY_BUDGET, IDLE)
     }
 }
 
 impl ListingCache {
-    fn with_budget(budget: usize) -> ListingCache {
+    fn with_limits(budget: usize, idle: Duration) -> ListingCache {
         ListingCache {
             held: DashMap::new(),
             entries: AtomicUsize::new(0),
-            clock: AtomicU64::new(0),
             keys: RandomState::new(),
             budget,
+            idle,
         }
     }
 
@@ -140,22 +147,31 @@ impl ListingCache {
         if held.listing.generation != generation {
             return None;
         }
-        held.last_used = self.tick();
+        held.last_used = Instant::now();
         Some(held.listing.clone())
     }
 
-    /// Keeps `listing` for the readers of `dir` that continue from it,
-    /// pushing out the least recently read others past the budget.
+    /// Keeps `listing` for the readers of `dir` that continue from it. Drops
+    /// the idle others, and past the budget the least recently read.
     pub fn put(&self, dir: u64, listing: Arc<Listing>) {
-        let len = listing.len();
+        let now = Instant::now();
+        // Counted before it can be removed, so the count never wraps.
+        self.entries.fetch_add(listing.len(), Ordering::Relaxed);
         let held = Held {
             listing,
-            last_used: self.tick(),
+            last_used: now,
         };
         if let Some(old) = self.held.insert(dir, held) {
             self.entries.fetch_sub(old.listing.len(), Ordering::Relaxed);
         }
-        let mut total = self.entries.fetch_add(len, Ordering::Relaxed) + len;
+        self.held.retain(|held_dir, h| {
+            let keep = *held_dir == dir || now.duration_since(h.last_used) < self.idle;
+            if !keep {
+                self.entries.fetch_sub(h.listing.len(), Ordering::Relaxed);
+            }
+            keep
+        });
+        let mut total = self.entries.load(Ordering::Relaxed);
         while total > self.budget {
             let oldest = self
                 .held
@@ -185,10 +201,6 @@ impl ListingCache {
         if let Some((_, old)) = self.held.remove(&dir) {
             self.entries.fetch_sub(old.listing.len(), Ordering::Relaxed);
         }
-    }
-
-    fn tick(&self) -> u64 {
-        self.clock.fetch_add(1, Ordering::Relaxed)
     }
 
     #[cfg(test)]
@@ -321,7 +333,7 @@ mod tests {
 
     #[test]
     fn listings_past_the_budget_push_out_the_least_recently_read() {
-        let cache = ListingCache::with_budget(14);
+        let cache = ListingCache::with_limits(14, IDLE);
         for dir in 1..=3 {
             cache.put(dir, cache.listing(entries(&["a", "b"]), 0));
         }
@@ -336,5 +348,15 @@ mod tests {
         assert_eq!(cache.held_entries(), 22);
         cache.forget(5);
         assert_eq!(cache.held_entries(), 0);
+    }
+
+    #[test]
+    fn an_idle_listing_goes_when_the_next_is_put() {
+        let cache = ListingCache::with_limits(1000, Duration::ZERO);
+        cache.put(1, cache.listing(entries(&["a"]), 0));
+        cache.put(2, cache.listing(entries(&["b"]), 0));
+        assert!(cache.get(1, 0).is_none());
+        assert!(cache.get(2, 0).is_some(), "the one just put stays");
+        assert_eq!(cache.held_entries(), 3);
     }
 }
