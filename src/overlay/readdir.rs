@@ -3,7 +3,7 @@
 //! a snapshot taken when a reader starts (or rewinds), so offsets into it are
 //! stable however the directory changes meanwhile.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::os::fd::AsFd;
 
@@ -81,13 +81,13 @@ impl Overlay {
         mut seen: Option<&mut HashMap<OsString, Seen>>,
         pending: &mut Vec<Pending>,
     ) -> Result<()> {
-        let mut oci_whiteouts = Vec::new();
+        let mut oci_whiteouts = HashSet::new();
         for (name, ino, kind) in dl.read_entries()? {
             if dl.oci {
                 match marker::oci_name(&name) {
                     OciName::Plain => {}
                     OciName::Whiteout(target) => {
-                        oci_whiteouts.push(target.to_os_string());
+                        oci_whiteouts.insert(target.to_os_string());
                         continue;
                     }
                     OciName::Opaque | OciName::Meta => continue,
@@ -118,10 +118,11 @@ impl Overlay {
         // An OCI whiteout hides its name in the layers below only; a name the
         // same layer holds stays visible.
         if let Some(seen) = seen {
-            for target in oci_whiteouts {
-                seen.entry(target).or_insert(Seen::Hidden);
+            for target in &oci_whiteouts {
+                seen.entry(target.clone()).or_insert(Seen::Hidden);
             }
         }
+        dl.know_oci_whiteouts(oci_whiteouts);
         Ok(())
     }
 
