@@ -1,4 +1,4 @@
-//! Open files and directory readers on the merged tree.
+//! Open files, and listings of directories, on the merged tree.
 
 use std::ffi::OsStr;
 use std::io::Write;

@@ -1,7 +1,6 @@
 //! The merged listing of a directory: the union of its layers, topmost first,
-//! each name once, whiteouts and opaque directories honoured. The listing is
-//! a snapshot taken when a reader starts (or rewinds), so offsets into it are
-//! stable however the directory changes meanwhile.
+//! each name once, whiteouts and opaque directories honoured. Offsets into it,
+//! and which listings are kept for readers, are `listing`'s.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
