@@ -110,6 +110,30 @@ fn numbered(prefix: &str, range: std::ops::Range<usize>) -> Vec<OsString> {
         .collect()
 }
 
+/// A mount whose directory `d` holds the lower files l0000, l0001, ...
+fn mount_numbered(s: &Scratch, count: usize) -> UnionMount {
+    let lower = s.mkdir("lower");
+    for name in numbered("l", 0..count) {
+        write(lower.join("d").join(name), b"");
+    }
+    UnionMount::mount(&[&lower], Some(&s.mkdir("upper")), &s.mkdir("mnt"), &[])
+}
+
+/// Changes `d` under a reader: removes every fifth name it has listed and
+/// every tenth it has not, and adds `added` new ones (n0000, ...). Returns
+/// the names removed.
+fn churn(d: &Path, listed: &[OsString], unlisted: &[OsString], added: usize) -> Vec<OsString> {
+    let mut removed: Vec<OsString> = listed.iter().step_by(5).cloned().collect();
+    removed.extend(unlisted.iter().step_by(10).cloned());
+    for name in &removed {
+        fs::remove_file(d.join(name)).unwrap();
+    }
+    for name in numbered("n", 0..added) {
+        write(d.join(name), b"");
+    }
+    removed
+}
+
 /// Asserts `seen` holds no name twice and every name of `stayed`.
 fn assert_sane(seen: &[OsString], stayed: &[OsString]) {
     let unique: HashSet<&OsString> = seen.iter().collect();
@@ -198,11 +222,7 @@ fn rewinddir_shows_each_change_made_through_the_mount() {
 #[test]
 fn a_reader_in_the_middle_stays_sane_while_the_directory_changes_and_another_lists_it() {
     let s = Scratch::new();
-    let lower = s.mkdir("lower");
-    for name in numbered("l", 0..2000) {
-        write(lower.join("d").join(name), b"");
-    }
-    let m = UnionMount::mount(&[&lower], Some(&s.mkdir("upper")), &s.mkdir("mnt"), &[]);
+    let m = mount_numbered(&s, 2000);
     let d = m.path("d");
     let mut middle = DirStream::open(&d);
     let mut seen = middle.take(500);
@@ -211,14 +231,7 @@ fn a_reader_in_the_middle_stays_sane_while_the_directory_changes_and_another_lis
         .into_iter()
         .filter(|n| !seen.contains(n))
         .collect();
-    let mut removed: Vec<OsString> = seen.iter().step_by(5).cloned().collect();
-    removed.extend(unseen.iter().step_by(10).cloned());
-    for name in &removed {
-        fs::remove_file(d.join(name)).unwrap();
-    }
-    for i in 0..300 {
-        write(d.join(format!("n{i:04}")), b"");
-    }
+    let removed = churn(&d, &seen, &unseen, 300);
     let stayed: Vec<OsString> = numbered("l", 0..2000)
         .into_iter()
         .filter(|n| !removed.contains(n))
@@ -236,8 +249,8 @@ fn a_reader_in_the_middle_stays_sane_while_the_directory_changes_and_another_lis
     assert_eq!(listed_anew.len(), now.len(), "the new reader");
     assert_eq!(listed_anew.into_iter().collect::<BTreeSet<_>>(), now);
     // More names come, and the second reader rewinds, while the first goes on.
-    for i in 300..400 {
-        write(d.join(format!("n{i:04}")), b"");
+    for name in numbered("n", 300..400) {
+        write(d.join(name), b"");
     }
     other.rewind();
     assert_eq!(other.rest().len(), now.len() + 100);
@@ -249,11 +262,7 @@ fn a_reader_in_the_middle_stays_sane_while_the_directory_changes_and_another_lis
 #[test]
 fn seekdir_returns_to_a_telldir_position() {
     let s = Scratch::new();
-    let lower = s.mkdir("lower");
-    for name in numbered("l", 0..400) {
-        write(lower.join("d").join(name), b"");
-    }
-    let m = UnionMount::mount(&[&lower], Some(&s.mkdir("upper")), &s.mkdir("mnt"), &[]);
+    let m = mount_numbered(&s, 400);
     let d = m.path("d");
     let mut dir = DirStream::open(&d);
     let head = dir.take(150);
@@ -268,14 +277,7 @@ fn seekdir_returns_to_a_telldir_position() {
     // Across changes made since the stream was opened, before the position
     // and after it: the names after it that stayed all follow it, and none
     // from before it.
-    let mut removed: Vec<OsString> = head.iter().step_by(5).cloned().collect();
-    removed.extend(tail.iter().step_by(10).cloned());
-    for name in &removed {
-        fs::remove_file(d.join(name)).unwrap();
-    }
-    for i in 0..50 {
-        write(d.join(format!("n{i:04}")), b"");
-    }
+    let removed = churn(&d, &head, &tail, 50);
     dir.seek(position);
     let after = dir.rest();
     let stayed: Vec<OsString> = tail
