@@ -14,11 +14,13 @@
 //! halfway never says so: closedir sends nothing), or to stay within a
 //! budget of entries.
 //!
-//! Offsets stay below 2^31: 32-bit programs read directories through
-//! getdents(2), which cuts d_off to 32 bits, and seekdir(3) to a telldir(3)
-//! position must still land where it was. Names whose hashes meet take
-//! consecutive offsets; only a name added or removed next to such a run can
-//! move another name's offset (with 100k names, about one change in 20k).
+//! Offsets stay below 2^31, so that a telldir(3) position fits the `long`
+//! of a 32-bit program (and the 32-bit d_off of its getdents(2)), as kernel
+//! overlayfs' positions in a merged directory do. Names whose hashes meet
+//! take consecutive offsets; only a name added or removed right next to
+//! such a run can move another name's offset (with 100k names, about one
+//! change in 10,000), and a reader resuming across that change may then
+//! see that one name twice or miss it.
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
