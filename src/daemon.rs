@@ -421,9 +421,9 @@ fn serve(mount: &ValidMount, ready: &mut ReadyPipe) -> Result<(), String> {
     // The caller's umask is applied per request (or not, under a default
     // ACL: overlay::acl); the daemon's own must not take more bits away.
     nix::sys::stat::umask(nix::sys::stat::Mode::empty());
-    // Block the termination signals before any thread starts, so that only
+    // Block the signals handled here before any thread starts, so that only
     // the signal thread below receives them.
-    let signals = termination_signals();
+    let signals = handled_signals();
     signals
         .thread_block()
         .map_err(|e| format!("block signals: {}", e.desc()))?;
@@ -462,9 +462,11 @@ fn serve(mount: &ValidMount, ready: &mut ReadyPipe) -> Result<(), String> {
             passthrough: mount.options.passthrough,
             lower_passthrough: mount.options.lower_passthrough,
             posix_acl: !mount.options.noacl,
+            answer_opendir: mount.options.access == Access::AllowRoot,
         },
     )
     .map_err(|e| format!("spawn memory thread: {e}"))?;
+    let request_counts = fs.request_counts();
     let session = start_session(fs, mount)?;
     info!(mountpoint = %mount.mountpoint.display(), layers = core.layers().len(), "mounted");
     let layer_dirs: Vec<PathBuf> = mount.upper.iter().chain(&mount.lowers).cloned().collect();
@@ -482,9 +484,14 @@ fn serve(mount: &ValidMount, ready: &mut ReadyPipe) -> Result<(), String> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            if let Ok(signal) = signals.wait() {
+            while let Ok(signal) = signals.wait() {
+                if signal == Signal::SIGUSR1 {
+                    request_counts.log("requests so far");
+                    continue;
+                }
                 info!(?signal, "unmounting on signal");
                 unmount_on_signal(&mountpoint);
+                break;
             }
         })
         .map_err(|e| format!("spawn signal thread: {e}"))?;
@@ -503,11 +510,13 @@ fn serve(mount: &ValidMount, ready: &mut ReadyPipe) -> Result<(), String> {
     result.map_err(|e| format!("FUSE session ended with an error: {e}"))
 }
 
-fn termination_signals() -> SigSet {
+/// The termination signals, and SIGUSR1, which logs the request counts.
+fn handled_signals() -> SigSet {
     let mut set = SigSet::empty();
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGINT);
     set.add(Signal::SIGHUP);
+    set.add(Signal::SIGUSR1);
     set
 }
 

@@ -6,6 +6,7 @@ mod notify;
 mod passthrough;
 mod read_buffers;
 mod release;
+mod stats;
 
 use std::ffi::OsStr;
 use std::io;
@@ -23,6 +24,7 @@ use fuser::{
 use tracing::{debug, warn};
 
 use crate::overlay::copyup::CopyData;
+use crate::overlay::listing::Listed;
 use crate::overlay::write::{Caller, Created, NewObject, RenameMode, SetAttr, SetTime};
 use crate::overlay::{Error, OpenFile, Overlay};
 pub use convert::file_attr;
@@ -30,6 +32,8 @@ pub use notify::AsyncNotifier;
 use passthrough::{Backings, LowerPinned, OpenIo};
 use read_buffers::ReadBuffers;
 use release::MemoryReleaser;
+use stats::Op;
+pub use stats::RequestCounts;
 
 /// The largest read the kernel sends in one request (fuser sizes max_pages
 /// from it), in bytes.
@@ -60,15 +64,23 @@ pub struct AdapterOptions {
     pub lower_passthrough: bool,
     /// Ask the kernel for POSIX ACL handling (not with `noacl`).
     pub posix_acl: bool,
+    /// Answer OPENDIR rather than let the kernel open directories on its
+    /// own: with `allow_root`, fuser refuses other users' requests, and a
+    /// listing of a directory the kernel already caches would otherwise
+    /// send none it could refuse.
+    pub answer_opendir: bool,
 }
 
 pub struct UnionFs {
     core: Arc<Overlay>,
     options: AdapterOptions,
     passthrough: AtomicBool,
+    /// OPENDIR is answered ENOSYS (decided at init).
+    no_opendir: bool,
     backings: Backings,
     read_buffers: ReadBuffers,
     releaser: MemoryReleaser,
+    counts: Arc<RequestCounts>,
 }
 
 impl UnionFs {
@@ -79,9 +91,16 @@ impl UnionFs {
             core,
             options,
             passthrough: AtomicBool::new(false),
+            no_opendir: false,
             backings: Backings::default(),
             read_buffers: ReadBuffers::default(),
+            counts: Arc::default(),
         })
+    }
+
+    /// The request counters, for the daemon to log on SIGUSR1.
+    pub fn request_counts(&self) -> Arc<RequestCounts> {
+        self.counts.clone()
     }
 
     pub fn passthrough_enabled(&self) -> bool {
@@ -219,6 +238,12 @@ impl Filesystem for UnionFs {
                 debug!("kernel offers no FUSE passthrough; serving reads through the daemon");
             }
         }
+        // Without the kernel's word that it opens directories on its own
+        // after ENOSYS, ENOSYS would fail every opendir(3).
+        self.no_opendir = !self.options.answer_opendir
+            && config
+                .capabilities()
+                .contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
         let _ = config.set_max_write(1 << 20);
         if let Err(max) = config.set_max_readahead(MAX_READAHEAD) {
             let _ = config.set_max_readahead(max);
@@ -229,6 +254,7 @@ impl Filesystem for UnionFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.counts.count(Op::Lookup);
         match self.core.lookup(parent.0, name) {
             Ok((node, attr)) => {
                 let ttl = self.ttl(node.state().layer);
@@ -244,13 +270,19 @@ impl Filesystem for UnionFs {
         }
     }
 
+    fn destroy(&mut self) {
+        self.counts.log("requests served");
+    }
+
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.counts.count(Op::Forget);
         if self.core.forget(ino.0, nlookup) {
             self.releaser.node_dropped();
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.counts.count(Op::Getattr);
         match self.core.node(ino.0).and_then(|node| {
             let attr = match fh {
                 Some(fh) => self.core.getattr_open(fh.0)?,
@@ -264,6 +296,7 @@ impl Filesystem for UnionFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.counts.count(Op::Readlink);
         match self.core.readlink(ino.0) {
             Ok(target) => reply.data(std::os::unix::ffi::OsStrExt::as_bytes(target.as_os_str())),
             Err(e) => reply.error(errno("readlink", e)),
@@ -271,6 +304,7 @@ impl Filesystem for UnionFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.counts.count(Op::Open);
         let copy_data = if flags.0 & libc::O_TRUNC != 0 {
             CopyData::MetadataOnly
         } else {
@@ -311,6 +345,7 @@ impl Filesystem for UnionFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.counts.count(Op::Read);
         self.read_buffers.lend(
             |buf| match self.core.read_into(fh.0, offset, size, buf) {
                 Ok(()) => reply.data(buf),
@@ -328,6 +363,7 @@ impl Filesystem for UnionFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        self.counts.count(Op::Flush);
         // Nothing to do at close: no writeback cache, locks are the
         // kernel's. ENOSYS tells the kernel to stop sending FLUSH at all,
         // one round trip less on every close.
@@ -344,42 +380,49 @@ impl Filesystem for UnionFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.counts.count(Op::Release);
         self.backings.release(ino.0, fh.0);
         self.core.release(fh.0);
         self.read_buffers.free_unless(|| self.core.has_open_files());
         reply.ok();
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.core.opendir(ino.0) {
-            // The kernel may keep listings in its page cache: lower layers
-            // never change, and the upper only through this mount, where
-            // every change bumps the directory's version, which drops them.
-            Ok(fh) => reply.opened(
-                FileHandle(fh),
-                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
-            ),
-            Err(e) => reply.error(errno("opendir", e)),
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.counts.count(Op::Opendir);
+        if self.no_opendir {
+            // The kernel then opens directories without asking (no OPENDIR
+            // and RELEASEDIR round trips), with no handle, and keeps their
+            // listings as answered below.
+            return reply.error(Errno::ENOSYS);
         }
+        // Listings are served by node and offset; no handle is needed. The
+        // kernel may keep them in its page cache: lower layers never change,
+        // and the upper only through this mount, where the kernel bumps the
+        // directory's version at every change it makes, which drops them
+        // at the next read from the start.
+        reply.opened(
+            FileHandle(0),
+            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+        )
     }
 
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let entries = match self.core.dir_entries(fh.0, offset) {
-            Ok(entries) => entries,
+        self.counts.count(Op::Readdir);
+        let listing = match self.core.listing(ino.0, offset) {
+            Ok(listing) => listing,
             Err(e) => return reply.error(errno("readdir", e)),
         };
-        for (i, entry) in entries.iter().enumerate().skip(offset as usize) {
-            let next = i as u64 + 1;
+        for Listed { entry, offset } in listing.after(offset) {
             if reply.add(
                 INodeNo(entry.ino),
-                next,
+                *offset,
                 convert::file_type(entry.kind),
                 &entry.name,
             ) {
@@ -393,16 +436,17 @@ impl Filesystem for UnionFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let entries = match self.core.dir_entries(fh.0, offset) {
-            Ok(entries) => entries,
+        self.counts.count(Op::Readdirplus);
+        let listing = match self.core.listing(ino.0, offset) {
+            Ok(listing) => listing,
             Err(e) => return reply.error(errno("readdirplus", e)),
         };
-        for (i, entry) in entries.iter().enumerate().skip(offset as usize) {
-            let next = i as u64 + 1;
+        for listed in listing.after(offset) {
+            let (entry, next) = (&listed.entry, listed.offset);
             if entry.name == "." || entry.name == ".." {
                 // The kernel ignores the attributes of these; no lookup count.
                 let attr = convert::placeholder_attr(entry.ino, entry.kind);
@@ -420,7 +464,8 @@ impl Filesystem for UnionFs {
             }
             let (node, attr) = match self.core.lookup(ino.0, &entry.name) {
                 Ok(found) => found,
-                // Gone since the snapshot: skip it rather than fail the batch.
+                // Gone since the listing was taken: skip it rather than fail
+                // the batch.
                 Err(e) if e.errno() == nix::errno::Errno::ENOENT => continue,
                 Err(e) => {
                     // A name whose lookup fails (a directory with a bad
@@ -469,15 +514,16 @@ impl Filesystem for UnionFs {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        self.core.releasedir(fh.0);
+        self.counts.count(Op::Releasedir);
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.counts.count(Op::Statfs);
         match self.core.statfs() {
             Ok(st) => reply.statfs(
                 st.blocks(),
@@ -494,6 +540,7 @@ impl Filesystem for UnionFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.counts.count(Op::Getxattr);
         match self.core.getxattr(ino.0, name) {
             Ok(value) => xattr_reply(reply, size, &value),
             Err(e) => reply.error(errno("getxattr", e)),
@@ -501,6 +548,7 @@ impl Filesystem for UnionFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.counts.count(Op::Listxattr);
         match self.core.listxattr(ino.0) {
             Ok(names) => xattr_reply(reply, size, &names),
             Err(e) => reply.error(errno("listxattr", e)),
@@ -508,6 +556,7 @@ impl Filesystem for UnionFs {
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        self.counts.count(Op::Access);
         reply_empty(
             reply,
             "access",
@@ -524,6 +573,7 @@ impl Filesystem for UnionFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        self.counts.count(Op::Lseek);
         match self.core.lseek(fh.0, offset, whence) {
             Ok(pos) => reply.offset(pos),
             Err(e) => reply.error(errno("lseek", e)),
@@ -548,6 +598,7 @@ impl Filesystem for UnionFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        self.counts.count(Op::Setattr);
         let time = |t: Option<TimeOrNow>| {
             t.map(|t| match t {
                 TimeOrNow::Now => SetTime::Now,
@@ -601,6 +652,7 @@ impl Filesystem for UnionFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        self.counts.count(Op::Mknod);
         let object = NewObject::Special {
             mode,
             rdev: convert::decode_dev(rdev),
@@ -620,6 +672,7 @@ impl Filesystem for UnionFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        self.counts.count(Op::Mkdir);
         let object = NewObject::Dir { mode };
         let result = self
             .core
@@ -635,6 +688,7 @@ impl Filesystem for UnionFs {
         target: &std::path::Path,
         reply: ReplyEntry,
     ) {
+        self.counts.count(Op::Symlink);
         let object = NewObject::Symlink {
             target: target.as_os_str(),
         };
@@ -650,6 +704,7 @@ impl Filesystem for UnionFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        self.counts.count(Op::Link);
         let result = self.core.node(ino.0).and_then(|node| {
             self.core
                 .create(newparent.0, newname, NewObject::Link { node }, caller(req))
@@ -658,10 +713,12 @@ impl Filesystem for UnionFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.counts.count(Op::Unlink);
         reply_empty(reply, "unlink", self.core.remove(parent.0, name, false));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.counts.count(Op::Rmdir);
         reply_empty(reply, "rmdir", self.core.remove(parent.0, name, true));
     }
 
@@ -675,6 +732,7 @@ impl Filesystem for UnionFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        self.counts.count(Op::Rename);
         let mode = if flags.contains(RenameFlags::RENAME_WHITEOUT) {
             return reply.error(Errno::EINVAL);
         } else if flags.contains(RenameFlags::RENAME_EXCHANGE) {
@@ -701,6 +759,7 @@ impl Filesystem for UnionFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        self.counts.count(Op::Create);
         let object = NewObject::File { mode, flags };
         let created = self
             .core
@@ -752,6 +811,7 @@ impl Filesystem for UnionFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.counts.count(Op::Write);
         let drop_setid = write_flags
             .contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
             .then(|| caller(req));
@@ -769,6 +829,7 @@ impl Filesystem for UnionFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.counts.count(Op::Fsync);
         reply_empty(reply, "fsync", self.core.fsync(fh.0, datasync));
     }
 
@@ -780,6 +841,7 @@ impl Filesystem for UnionFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.counts.count(Op::Fsyncdir);
         reply_empty(reply, "fsyncdir", self.core.fsyncdir(ino.0));
     }
 
@@ -793,6 +855,7 @@ impl Filesystem for UnionFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        self.counts.count(Op::Fallocate);
         match self
             .core
             .fallocate(fh.0, offset as i64, length as i64, mode)
@@ -815,6 +878,7 @@ impl Filesystem for UnionFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        self.counts.count(Op::CopyFileRange);
         let len = len.min(u32::MAX as u64) as usize;
         match self
             .core
@@ -835,6 +899,7 @@ impl Filesystem for UnionFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        self.counts.count(Op::Setxattr);
         reply_empty(
             reply,
             "setxattr",
@@ -843,6 +908,7 @@ impl Filesystem for UnionFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.counts.count(Op::Removexattr);
         reply_empty(reply, "removexattr", self.core.removexattr(ino.0, name));
     }
 }

@@ -1,4 +1,4 @@
-//! Open files and directory readers on the merged tree.
+//! Open files, and listings of directories, on the merged tree.
 
 use std::ffi::OsStr;
 use std::io::Write;
@@ -11,14 +11,14 @@ use nix::fcntl::{FallocateFlags, OFlag};
 use nix::sys::stat::{FileStat, Mode, fchmod, fstat};
 use nix::unistd::{Whence, fdatasync, fsync, lseek};
 
+use super::Overlay;
 use super::copyup::CopyData;
 use super::error::{Error, Result, SysContext};
 use super::handles::OpenFile;
 use super::idmap::IdShift;
 use super::layer::open_beneath;
-use super::readdir::DirEntry;
+use super::listing::Listing;
 use super::write::Caller;
-use super::{FileKind, Overlay};
 
 impl Overlay {
     /// Opens a file; opening a lower file for writing copies it up first
@@ -194,34 +194,28 @@ impl Overlay {
             .ok_or_else(|| Error::new(Errno::EBADF, "find file handle"))
     }
 
-    pub fn opendir(&self, id: u64) -> Result<u64> {
+    /// The listing to serve directory `id` from `offset` on (its entries
+    /// are `after(offset)`). Offset 0 (a new reader, or rewinddir) takes a
+    /// fresh listing, so a program sees the changes it made; a reader
+    /// further on continues in the listing readers are in, or a fresh one
+    /// if none is held, as offsets mean the same in both.
+    pub fn listing(&self, id: u64, offset: u64) -> Result<Arc<Listing>> {
         let node = self.node(id)?;
-        if node.kind != FileKind::Directory {
-            return Err(Error::new(Errno::ENOTDIR, "opendir"));
-        }
-        Ok(self.handles.add_dir(node))
-    }
-
-    /// The listing behind a directory handle. Reading from offset 0 takes a
-    /// fresh snapshot (opendir, rewinddir); later offsets index into it.
-    pub fn dir_entries(&self, fh: u64, offset: u64) -> Result<Arc<Vec<DirEntry>>> {
-        let handle = self
-            .handles
-            .dir(fh)
-            .ok_or_else(|| Error::new(Errno::EBADF, "find directory handle"))?;
-        let mut entries = handle.entries.lock();
-        match &*entries {
-            Some(listing) if offset != 0 => Ok(listing.clone()),
-            _ => {
-                let listing = Arc::new(self.merged_entries(&handle.node)?);
-                *entries = Some(listing.clone());
-                Ok(listing)
+        if offset != 0
+            && let Some(listing) = self.listings.get(id, u64::from(node.generation))
+        {
+            if listing.after(offset).is_empty() {
+                self.listings.finished(id, &listing);
             }
+            return Ok(listing);
         }
-    }
-
-    pub fn releasedir(&self, fh: u64) {
-        self.handles.remove_dir(fh);
+        let listing = self
+            .listings
+            .listing(self.merged_entries(&node)?, u64::from(node.generation));
+        if !listing.after(offset).is_empty() {
+            self.listings.put(id, listing.clone());
+        }
+        Ok(listing)
     }
 }
 

@@ -1,14 +1,14 @@
-//! Open files and open directories, by handle number.
+//! Open files, by handle number. Directories have none: they are listed
+//! by node and offset (`listing`).
 
 use std::fs::File;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::RwLock;
 
 use super::node::Node;
-use super::readdir::DirEntry;
 
 #[derive(Debug)]
 pub struct OpenFile {
@@ -28,18 +28,10 @@ impl OpenFile {
     }
 }
 
-#[derive(Debug)]
-pub struct DirHandle {
-    pub node: Arc<Node>,
-    /// The listing snapshot, taken at the first read from offset 0.
-    pub entries: Mutex<Option<Arc<Vec<DirEntry>>>>,
-}
-
 #[derive(Debug, Default)]
 pub struct Handles {
     next: AtomicU64,
     files: DashMap<u64, Arc<OpenFile>>,
-    dirs: DashMap<u64, Arc<DirHandle>>,
 }
 
 impl Handles {
@@ -77,25 +69,5 @@ impl Handles {
 
     pub fn remove_file(&self, fh: u64) -> Option<Arc<OpenFile>> {
         self.files.remove(&fh).map(|(_, f)| f)
-    }
-
-    pub fn add_dir(&self, node: Arc<Node>) -> u64 {
-        let fh = self.next_id();
-        self.dirs.insert(
-            fh,
-            Arc::new(DirHandle {
-                node,
-                entries: Mutex::new(None),
-            }),
-        );
-        fh
-    }
-
-    pub fn dir(&self, fh: u64) -> Option<Arc<DirHandle>> {
-        self.dirs.get(&fh).map(|d| d.clone())
-    }
-
-    pub fn remove_dir(&self, fh: u64) {
-        self.dirs.remove(&fh);
     }
 }

@@ -15,6 +15,7 @@ pub mod handles;
 pub mod idmap;
 pub mod ino;
 pub mod layer;
+pub mod listing;
 pub mod marker;
 pub mod node;
 mod node_table;
@@ -59,6 +60,7 @@ pub use handles::{Handles, OpenFile};
 use idmap::IdShift;
 use ino::{InoMapper, ROOT_ID};
 use layer::{Layer, open_beneath};
+use listing::ListingCache;
 use node::{DirLayer, DirStack, Location, Node, NodeState};
 use node_table::{Existing, NodeTable};
 use workdir::WorkDir;
@@ -115,6 +117,8 @@ pub struct Overlay {
     layers: Vec<Layer>,
     nodes: NodeTable,
     dentries: DentryCache,
+    /// Listings readers are in the middle of, by directory.
+    listings: ListingCache,
     /// The root's st_ino (its node id is FUSE's fixed root id).
     root_ino: u64,
     pub handles: Handles,
@@ -185,6 +189,7 @@ impl Overlay {
             layers,
             nodes: NodeTable::new(inos, root),
             dentries: DentryCache::default(),
+            listings: ListingCache::default(),
             root_ino,
             handles: Handles::default(),
             work,
@@ -415,6 +420,9 @@ impl Overlay {
         if let Some(parent) = node.parent() {
             self.dentries
                 .remove_if_points_to(parent.id, &node.name(), id);
+        }
+        if node.kind == FileKind::Directory {
+            self.listings.forget(id);
         }
         true
     }

@@ -31,7 +31,8 @@ pub struct DirLayer {
     /// through the mount, so they are looked up each time, never cached.
     pub upper: bool,
     /// The names this directory whites out with OCI `.wh.NAME` entries, read
-    /// once on the first lookup that misses here (lower layers never change).
+    /// once, by a listing or on the first lookup that misses here (lower
+    /// layers never change).
     oci_whiteouts: OnceLock<HashSet<OsString>>,
     /// This mount wrote an xattr whiteout here (after `marks` were read).
     xwhiteouts_written: AtomicBool,
@@ -89,6 +90,17 @@ impl DirLayer {
 
     pub(crate) fn lazy_fd(&self) -> &LazyDirFd {
         &self.fd
+    }
+
+    /// Records the names this directory whites out, found by a reader of
+    /// all its entries (the merged listing), so that a lookup missing here
+    /// need not read them again.
+    pub fn know_oci_whiteouts(&self, names: HashSet<OsString>) {
+        // An upper directory's change through the mount: there they are
+        // looked up each time.
+        if !self.upper {
+            let _ = self.oci_whiteouts.set(names);
+        }
     }
 
     /// Whether an OCI whiteout here hides `name` from the layers below.

@@ -1,9 +1,8 @@
 //! The merged listing of a directory: the union of its layers, topmost first,
-//! each name once, whiteouts and opaque directories honoured. The listing is
-//! a snapshot taken when a reader starts (or rewinds), so offsets into it are
-//! stable however the directory changes meanwhile.
+//! each name once, whiteouts and opaque directories honoured. Offsets into it,
+//! and which listings are kept for readers, are `listing`'s.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::os::fd::AsFd;
 
@@ -81,12 +80,12 @@ impl Overlay {
         mut seen: Option<&mut HashMap<OsString, Seen>>,
         pending: &mut Vec<Pending>,
     ) -> Result<()> {
-        let mut oci_whiteouts = Vec::new();
+        let mut oci_whiteouts = HashSet::new();
         for (name, ino, kind) in dl.read_entries()? {
             match marker::oci_name(&name) {
                 OciName::Plain => {}
                 OciName::Whiteout(target) => {
-                    oci_whiteouts.push(target.to_os_string());
+                    oci_whiteouts.insert(target.to_os_string());
                     continue;
                 }
                 OciName::Opaque | OciName::Meta => continue,
@@ -116,10 +115,11 @@ impl Overlay {
         // An OCI whiteout hides its name in the layers below only; a name the
         // same layer holds stays visible.
         if let Some(seen) = seen {
-            for target in oci_whiteouts {
-                seen.entry(target).or_insert(Seen::Hidden);
+            for target in &oci_whiteouts {
+                seen.entry(target.clone()).or_insert(Seen::Hidden);
             }
         }
+        dl.know_oci_whiteouts(oci_whiteouts);
         Ok(())
     }
 

@@ -15,6 +15,7 @@ use std::fs;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
@@ -226,15 +227,14 @@ fn lookup_errno(ov: &Overlay, path: &str) -> Errno {
 
 /// The merged listing of a directory, without "." and "..", sorted.
 fn listing(ov: &Overlay, path: &str) -> Vec<String> {
-    let fh = ov.opendir(id(ov, path)).unwrap();
     let mut names: Vec<String> = ov
-        .dir_entries(fh, 0)
+        .listing(id(ov, path), 0)
         .unwrap()
+        .after(0)
         .iter()
-        .map(|e| e.name.clone().into_string().unwrap())
+        .map(|l| l.entry.name.clone().into_string().unwrap())
         .filter(|n| n != "." && n != "..")
         .collect();
-    ov.releasedir(fh);
     names.sort();
     names
 }
@@ -287,6 +287,69 @@ fn rename(
         OsStr::new(new_name),
         mode,
     )
+}
+
+/// A reader resumes by offset alone, in whatever listing is current: every
+/// name that stayed is listed once across changes, and offset 0 (a new
+/// reader, rewinddir) sees them.
+#[test]
+fn a_listing_read_in_parts_across_changes_lists_each_name_that_stayed_once() {
+    let l = Layers::new();
+    for i in 0..200 {
+        write(&l.lower(&format!("d/l{i:03}")), b"");
+    }
+    let ov = l.overlay();
+    let d = id(&ov, "d");
+    let names = |listed: &[super::listing::Listed]| -> Vec<String> {
+        listed
+            .iter()
+            .map(|l| l.entry.name.clone().into_string().unwrap())
+            .collect()
+    };
+    let first = ov.listing(d, 0).unwrap();
+    let part = &first.after(0)[..80];
+    let resume = part.last().unwrap().offset;
+    let mut seen = names(part);
+    // Names already listed and names not yet listed go; new ones come.
+    let gone: Vec<String> = (0..200)
+        .map(|i| format!("l{i:03}"))
+        .filter(|n| seen.contains(n))
+        .step_by(4)
+        .chain(
+            (0..200)
+                .map(|i| format!("l{i:03}"))
+                .filter(|n| !seen.contains(n))
+                .step_by(6),
+        )
+        .collect();
+    for name in &gone {
+        remove(&ov, "d", name, false).unwrap();
+    }
+    for i in 0..50 {
+        create(&ov, "d", &format!("n{i}"), new_file());
+    }
+    // Another reader starts: the first goes on in the listing it took.
+    let second = ov.listing(d, 0).unwrap();
+    let continued = ov.listing(d, resume).unwrap();
+    assert!(Arc::ptr_eq(&second, &continued));
+    seen.extend(names(continued.after(resume)));
+    let unique: std::collections::HashSet<&String> = seen.iter().collect();
+    assert_eq!(unique.len(), seen.len(), "a name listed twice");
+    let stayed: Vec<String> = (0..200)
+        .map(|i| format!("l{i:03}"))
+        .filter(|n| !gone.contains(n))
+        .collect();
+    for name in &stayed {
+        assert!(unique.contains(name), "{name} skipped");
+    }
+    let mut fresh = listing(&ov, "d");
+    let mut expected: Vec<String> = stayed
+        .into_iter()
+        .chain((0..50).map(|i| format!("n{i}")))
+        .collect();
+    fresh.sort();
+    expected.sort();
+    assert_eq!(fresh, expected, "offset 0 lists the directory as it is now");
 }
 
 #[test]
