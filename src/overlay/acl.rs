@@ -10,18 +10,19 @@
 //! default ACL, so it gets the parent's here, as kernel overlayfs gives it.
 
 use std::ffi::{CStr, OsStr};
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 
 use nix::errno::Errno;
 use nix::fcntl::AtFlags;
 use nix::sys::stat::{FchmodatFlags, Mode, fchmodat, fstatat};
 
 use super::error::{Error, Result, SysContext};
+use super::node::DirLayer;
 use super::write::NewObject;
 use crate::sys::{self, XattrTarget};
 
 const ACCESS: &CStr = c"system.posix_acl_access";
-const DEFAULT: &CStr = c"system.posix_acl_default";
+pub(crate) const DEFAULT: &CStr = c"system.posix_acl_default";
 
 /// The xattr form of an ACL (linux/posix_acl_xattr.h): a version, then
 /// (tag, perm, id) entries, little-endian.
@@ -95,7 +96,7 @@ pub fn creation_mode(mode: u32, umask: u32, default_acl: bool) -> u32 {
 pub fn prepare<'a>(
     object: NewObject<'a>,
     umask: u32,
-    dir: BorrowedFd<'_>,
+    dir: &DirLayer,
     acls: bool,
 ) -> Result<(NewObject<'a>, Option<Vec<u8>>)> {
     let takes_mode = matches!(
@@ -105,7 +106,14 @@ pub fn prepare<'a>(
     if !takes_mode {
         return Ok((object, None));
     }
-    let acl = if acls { default_acl(dir)? } else { None };
+    // Read once per directory: only a setxattr or removexattr through this
+    // mount gives it one (`Overlay::xattr_changed`).
+    let acl = if acls {
+        dir.no_default_acl
+            .read_with(|| default_acl(dir.fd()?.as_fd()))?
+    } else {
+        None
+    };
     let mask = |mode: u32| creation_mode(mode, umask, acl.is_some());
     let object = match object {
         NewObject::File { mode, flags } => NewObject::File {

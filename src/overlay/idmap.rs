@@ -283,7 +283,7 @@ impl IdShift {
     }
 }
 
-const CAPABILITY_XATTR: &[u8] = b"security.capability";
+pub(crate) const CAPABILITY_XATTR: &[u8] = b"security.capability";
 
 /// `struct vfs_ns_cap_data` (linux/capability.h): a magic word with the
 /// revision in its top byte, permitted/inheritable pairs, and from revision

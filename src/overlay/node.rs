@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use nix::errno::Errno;
@@ -20,6 +20,52 @@ use super::dirfd::{self, DirFd, LazyDirFd, Origin};
 use super::error::{Error, Result, SysContext};
 use super::layer::list_dir;
 use super::marker::{self, DirMarks, OciName};
+
+/// Whether an object is known to lack an xattr that only a setxattr
+/// through this mount can add: then the layers need not be asked. An
+/// absence read from the layers is remembered only if no change (`changed`)
+/// came in while it was read: the low bit says absent, the others count
+/// changes (one byte, to fit in a node's padding: a read would have to
+/// overlap 128 changes for the count to come round to the same value).
+#[derive(Debug, Default)]
+pub struct KnownAbsent(AtomicU8);
+
+const ABSENT: u8 = 1;
+
+impl KnownAbsent {
+    /// The object is new: it has no such xattr.
+    pub fn set(&self) {
+        self.0.fetch_or(ABSENT, Ordering::AcqRel);
+    }
+
+    /// After a setxattr or removexattr of it: ask the layers next time.
+    pub fn changed(&self) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                Some((v & !ABSENT).wrapping_add(2))
+            });
+    }
+
+    /// `read()`'s value, or None without calling it when the xattr is known
+    /// to be absent; an absence it reads is remembered.
+    pub fn read_with<T, E>(
+        &self,
+        read: impl FnOnce() -> std::result::Result<Option<T>, E>,
+    ) -> std::result::Result<Option<T>, E> {
+        let seen = self.0.load(Ordering::Acquire);
+        if seen & ABSENT != 0 {
+            return Ok(None);
+        }
+        let value = read()?;
+        if value.is_none() {
+            let _ =
+                self.0
+                    .compare_exchange(seen, seen | ABSENT, Ordering::AcqRel, Ordering::Acquire);
+        }
+        Ok(value)
+    }
+}
 
 /// One layer's directory inside a merged directory.
 #[derive(Debug)]
@@ -36,6 +82,9 @@ pub struct DirLayer {
     oci_whiteouts: OnceLock<HashSet<OsString>>,
     /// This mount wrote an xattr whiteout here (after `marks` were read).
     xwhiteouts_written: AtomicBool,
+    /// Known to have no default ACL (an upper directory that new objects
+    /// are made in).
+    pub no_default_acl: KnownAbsent,
 }
 
 impl DirLayer {
@@ -60,6 +109,7 @@ impl DirLayer {
             upper,
             oci_whiteouts: OnceLock::new(),
             xwhiteouts_written: AtomicBool::new(false),
+            no_default_acl: KnownAbsent::default(),
         }
     }
 
@@ -72,6 +122,7 @@ impl DirLayer {
             upper,
             oci_whiteouts: OnceLock::new(),
             xwhiteouts_written: AtomicBool::new(false),
+            no_default_acl: KnownAbsent::default(),
         }
     }
 
@@ -245,6 +296,11 @@ pub struct Node {
     pub copy_up_lock: Mutex<()>,
     /// Its last name is gone; it lives on through open handles only.
     unlinked: AtomicBool,
+    /// Known to carry no `security.capability`: made by this mount, or read
+    /// without one since. Only a setxattr through this mount adds one
+    /// (lower layers never change, copy-up copies what was read, writes and
+    /// chown only ever remove one).
+    pub no_capability: KnownAbsent,
 }
 
 impl Drop for Node {
@@ -280,6 +336,7 @@ impl Node {
             state: RwLock::new(state),
             copy_up_lock: Mutex::new(()),
             unlinked: AtomicBool::new(false),
+            no_capability: KnownAbsent::default(),
         }
     }
 
@@ -463,5 +520,40 @@ mod tests {
     #[test]
     fn a_node_fits_a_112_byte_block() {
         assert!(std::mem::size_of::<Node>() + 2 * std::mem::size_of::<usize>() <= 104);
+    }
+
+    fn read(known: &KnownAbsent, value: Option<u8>) -> (Option<u8>, bool) {
+        let mut asked = false;
+        let got = known
+            .read_with(|| {
+                asked = true;
+                Ok::<_, ()>(value)
+            })
+            .unwrap();
+        (got, asked)
+    }
+
+    #[test]
+    fn an_absence_is_remembered_until_a_change() {
+        let known = KnownAbsent::default();
+        assert_eq!(read(&known, Some(1)), (Some(1), true));
+        assert_eq!(read(&known, None), (None, true));
+        assert_eq!(read(&known, Some(1)), (None, false));
+        known.changed();
+        assert_eq!(read(&known, Some(2)), (Some(2), true));
+        known.set();
+        assert_eq!(read(&known, Some(2)), (None, false));
+    }
+
+    #[test]
+    fn an_absence_read_across_a_change_is_not_remembered() {
+        let known = KnownAbsent::default();
+        let got = known.read_with(|| {
+            // The change lands after the layers were read.
+            known.changed();
+            Ok::<Option<u8>, ()>(None)
+        });
+        assert_eq!(got, Ok(None));
+        assert_eq!(read(&known, Some(3)), (Some(3), true));
     }
 }

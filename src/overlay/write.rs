@@ -93,8 +93,7 @@ impl Overlay {
         let parent_node = self.node(parent)?;
         let stack = self.upper_dir(&parent_node)?;
         let upper = stack.top();
-        let (object, default_acl) =
-            acl::prepare(object, caller.umask, upper.fd()?.as_fd(), self.acls())?;
+        let (object, default_acl) = acl::prepare(object, caller.umask, upper, self.acls())?;
         if let NewObject::Special { mode, rdev: 0 } = object
             && mode & libc::S_IFMT == libc::S_IFCHR
         {
@@ -157,6 +156,8 @@ impl Overlay {
         }
         self.forget_dentry(parent, name);
         let (node, attr) = self.lookup(parent, name)?;
+        // The kernel asks for it before the first write: it has none.
+        node.no_capability.set();
         let handle = match (file, &object) {
             (Some(file), NewObject::File { flags, .. }) => {
                 Some(self.handles.add_file(node.clone(), *flags, file))

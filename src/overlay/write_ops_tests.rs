@@ -1012,12 +1012,9 @@ fn static_nlink_gives_every_directory_one_link() {
     assert_eq!(create(&ov, "d", "new", new_dir()).nlink, 1);
 }
 
-#[test]
-fn noacl_hides_acls_and_applies_the_umask() {
-    let l = Layers::new();
-    write(&l.lower("f"), b"");
-    mkdir(&l.lower("d"));
-    // setfacl -d -m u::rwx,g::rwx,o::rwx d: without noacl it overrides the umask.
+/// `setfacl -d -m u::rwx,g::rwx,o::rwx` as its xattr value: a default ACL
+/// that overrides the umask.
+fn default_acl_rwx() -> Vec<u8> {
     let entry = |tag: u16, perm: u16| {
         [
             &tag.to_le_bytes()[..],
@@ -1026,13 +1023,22 @@ fn noacl_hides_acls_and_applies_the_umask() {
         ]
         .concat()
     };
-    let default_acl = [
+    [
         2u32.to_le_bytes().to_vec(),
         entry(0x01, 7),
         entry(0x04, 7),
         entry(0x20, 7),
     ]
-    .concat();
+    .concat()
+}
+
+#[test]
+fn noacl_hides_acls_and_applies_the_umask() {
+    let l = Layers::new();
+    write(&l.lower("f"), b"");
+    mkdir(&l.lower("d"));
+    // setfacl -d -m u::rwx,g::rwx,o::rwx d: without noacl it overrides the umask.
+    let default_acl = default_acl_rwx();
     sys::set_xattr(
         XattrTarget::Fd(fs::File::open(l.lower("d")).unwrap().as_fd()),
         c"system.posix_acl_default",
@@ -1194,4 +1200,59 @@ fn oci_whiteouts_in_the_upper_hide_names_below_and_are_never_made() {
     assert_eq!(listing(&ov, "d"), ["kept", "sub"]);
     assert_eq!(tree(&l.lower), lower, "lower changed");
     assert!(l.work_entries().is_empty());
+}
+
+/// `security.capability` revision 2 with CAP_NET_BIND_SERVICE effective.
+fn capability() -> Vec<u8> {
+    [0x0200_0001u32, 1 << 10, 0, 0, 0]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect()
+}
+
+#[test]
+fn a_file_capability_read_as_absent_is_seen_once_set_through_the_mount() {
+    let l = Layers::new();
+    write(&l.lower("low"), b"");
+    sys::set_xattr(
+        XattrTarget::Fd(fs::File::open(l.lower("low")).unwrap().as_fd()),
+        c"security.capability",
+        &capability(),
+        0,
+    )
+    .unwrap();
+    write(&l.lower("plain"), b"");
+    let ov = l.overlay();
+    let name = OsStr::new("security.capability");
+    let absent = |path: &str| ov.getxattr(id(&ov, path), name).unwrap_err().errno();
+    assert_eq!(ov.getxattr(id(&ov, "low"), name).unwrap(), capability());
+    // Asked twice (the second answer is the remembered one), then set.
+    create(&ov, "", "new", new_file());
+    for path in ["new", "plain"] {
+        assert_eq!(absent(path), Errno::ENODATA);
+        assert_eq!(absent(path), Errno::ENODATA);
+        ov.setxattr(id(&ov, path), name, &capability(), 0).unwrap();
+        assert_eq!(ov.getxattr(id(&ov, path), name).unwrap(), capability());
+        assert_eq!(
+            xattr(&l.upper(path), "security.capability"),
+            Some(capability())
+        );
+        ov.removexattr(id(&ov, path), name).unwrap();
+        assert_eq!(absent(path), Errno::ENODATA);
+    }
+}
+
+#[test]
+fn a_default_acl_set_through_the_mount_applies_to_the_next_create() {
+    let l = Layers::new();
+    let ov = l.overlay();
+    create(&ov, "", "d", new_dir());
+    // Before: no default ACL, the umask applies (and that is remembered).
+    assert_eq!(create(&ov, "d", "before", new_file()).mode & 0o777, 0o644);
+    let default_acl = default_acl_rwx();
+    let name = OsStr::new("system.posix_acl_default");
+    ov.setxattr(id(&ov, "d"), name, &default_acl, 0).unwrap();
+    assert_eq!(create(&ov, "d", "with", new_file()).mode & 0o777, 0o666);
+    ov.removexattr(id(&ov, "d"), name).unwrap();
+    assert_eq!(create(&ov, "d", "after", new_file()).mode & 0o777, 0o644);
 }

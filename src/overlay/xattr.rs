@@ -11,6 +11,8 @@ use super::Overlay;
 use super::copyup::CopyData;
 use super::error::{Error, Result};
 use super::marker;
+use super::node::Node;
+use super::{acl, idmap};
 use crate::sys;
 
 impl Overlay {
@@ -31,11 +33,13 @@ impl Overlay {
         let value = stored.as_deref().unwrap_or(value);
         let node = self.node(id)?;
         self.copy_up(&node, CopyData::All)?;
-        self.with_xattr_target(
+        let result = self.with_xattr_target(
             &node,
             |t| sys::set_xattr(t, &cname, value, flags),
             "setxattr",
-        )
+        );
+        self.xattr_changed(&node, name);
+        result
     }
 
     pub fn removexattr(&self, id: u64, name: &OsStr) -> Result<()> {
@@ -48,7 +52,23 @@ impl Overlay {
         // Nothing to copy up for an xattr the object does not have.
         self.getxattr(id, name)?;
         self.copy_up(&node, CopyData::All)?;
-        self.with_xattr_target(&node, |t| sys::remove_xattr(t, &cname), "removexattr")
+        let result = self.with_xattr_target(&node, |t| sys::remove_xattr(t, &cname), "removexattr");
+        self.xattr_changed(&node, name);
+        result
+    }
+
+    /// Forgets what is known to be absent after `name` was set or removed on
+    /// `node`. After the change, so that no read that saw the object
+    /// before it can still record an absence.
+    fn xattr_changed(&self, node: &Node, name: &OsStr) {
+        let name = name.as_bytes();
+        if name == idmap::CAPABILITY_XATTR {
+            node.no_capability.changed();
+        } else if name == acl::DEFAULT.to_bytes()
+            && let Ok(stack) = node.dir_stack()
+        {
+            stack.top().no_default_acl.changed();
+        }
     }
 }
 
