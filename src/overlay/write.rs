@@ -103,44 +103,48 @@ impl Overlay {
         if let NewObject::Link { node } = &object {
             self.copy_up(node, CopyData::All)?;
         }
-        let over_whiteout = upper_whiteout_at(upper, name)?;
-        // An OCI `.wh.NAME` in the upper hides NAME below, as a whiteout does.
-        let over_oci_whiteout = !over_whiteout && upper.oci_hides(name)?;
         let work = self.work()?;
         let parent_attr = self.node_attr(&parent_node)?;
         let owner = owner_for(stored_caller, &parent_attr);
 
-        let file = if over_whiteout {
-            // Build it in the work dir, then swap it with the whiteout; the
-            // temp name then holds the old whiteout, removed on drop.
-            let tmp = TempEntry::new(work);
-            let file = self.make_object(tmp.fd(), &tmp.name, &object, owner, &parent_attr)?;
-            if let Some(default_acl) = &default_acl {
-                acl::inherit(default_acl, tmp.fd(), &tmp.name)?;
-            }
-            if matches!(object, NewObject::Dir { .. }) {
-                self.mark_opaque(XattrTarget::Entry(tmp.fd(), &tmp.name))?;
-            }
-            tmp.swap_with(upper, name)?;
-            file
-        } else {
-            let file = self.make_object(upper.fd()?.as_fd(), name, &object, owner, &parent_attr)?;
-            if matches!(object, NewObject::Dir { .. }) && over_oci_whiteout {
-                self.mark_opaque(XattrTarget::Entry(upper.fd()?.as_fd(), name))?;
-            } else if matches!(object, NewObject::Dir { .. })
-                && self.format.moves_merged_dirs()
-                && self.is_merged_stack(&stack)
-            {
-                // As kernel overlayfs with redirect_dir: a directory made in a
-                // merged one is opaque, so wherever it moves later it never
-                // merges with a lower directory of the same name. Only
-                // that: the kernel goes on where the mark fails, and so do we.
-                // Without redirects (userxattr) the kernel leaves it unmarked.
-                if let Err(e) = self.mark_opaque(XattrTarget::Entry(upper.fd()?.as_fd(), name)) {
-                    tracing::debug!("new directory left without an opaque mark: {e}");
+        // Made in place, unless a whiteout holds the name: that fails with
+        // EEXIST, and only then is the name looked at.
+        let file = match self.make_object(upper.fd()?.as_fd(), name, &object, owner, &parent_attr) {
+            Ok(file) => {
+                let dir = matches!(object, NewObject::Dir { .. });
+                // An OCI `.wh.NAME` in the upper hides NAME below, as a
+                // whiteout does.
+                if dir && upper.oci_hides(name)? {
+                    self.mark_opaque(XattrTarget::Entry(upper.fd()?.as_fd(), name))?;
+                } else if dir && self.format.moves_merged_dirs() && self.is_merged_stack(&stack) {
+                    // As kernel overlayfs with redirect_dir: a directory made
+                    // in a merged one is opaque, so wherever it moves later it
+                    // never merges with a lower directory of the same name.
+                    // Only that: the kernel goes on where the mark fails, and
+                    // so do we. Without redirects (userxattr) the kernel
+                    // leaves it unmarked.
+                    if let Err(e) = self.mark_opaque(XattrTarget::Entry(upper.fd()?.as_fd(), name))
+                    {
+                        tracing::debug!("new directory left without an opaque mark: {e}");
+                    }
                 }
+                file
             }
-            file
+            Err(e) if e.errno() == Errno::EEXIST && upper_whiteout_at(upper, name)? => {
+                // Build it in the work dir, then swap it with the whiteout;
+                // the temp name then holds the old whiteout, removed on drop.
+                let tmp = TempEntry::new(work);
+                let file = self.make_object(tmp.fd(), &tmp.name, &object, owner, &parent_attr)?;
+                if let Some(default_acl) = &default_acl {
+                    acl::inherit(default_acl, tmp.fd(), &tmp.name)?;
+                }
+                if matches!(object, NewObject::Dir { .. }) {
+                    self.mark_opaque(XattrTarget::Entry(tmp.fd(), &tmp.name))?;
+                }
+                tmp.swap_with(upper, name)?;
+                file
+            }
+            Err(e) => return Err(e),
         };
 
         if let NewObject::Link { node: linked } = &object {
