@@ -540,7 +540,7 @@ impl Filesystem for UnionFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        self.counts.count(Op::Getxattr);
+        self.counts.count(Op::getxattr(name.as_encoded_bytes()));
         match self.core.getxattr(ino.0, name) {
             Ok(value) => xattr_reply(reply, size, &value),
             Err(e) => reply.error(errno("getxattr", e)),

@@ -39,6 +39,8 @@ opcodes! {
     Fsync => "FSYNC",
     Setxattr => "SETXATTR",
     Getxattr => "GETXATTR",
+    GetxattrCapability => "GETXATTR(security.capability)",
+    GetxattrAcl => "GETXATTR(system.posix_acl_*)",
     Listxattr => "LISTXATTR",
     Removexattr => "REMOVEXATTR",
     Flush => "FLUSH",
@@ -52,6 +54,19 @@ opcodes! {
     Readdirplus => "READDIRPLUS",
     Lseek => "LSEEK",
     CopyFileRange => "COPY_FILE_RANGE",
+}
+
+impl Op {
+    /// GETXATTR, told apart by the names the kernel asks for on its own: the
+    /// file capability (before writes, at chown) and the ACLs (permission
+    /// checks).
+    pub fn getxattr(name: &[u8]) -> Op {
+        match name {
+            b"security.capability" => Op::GetxattrCapability,
+            b"system.posix_acl_access" | b"system.posix_acl_default" => Op::GetxattrAcl,
+            _ => Op::Getxattr,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -105,5 +120,22 @@ mod tests {
         counts.count(Op::Lookup);
         counts.count(Op::CopyFileRange);
         assert_eq!(counts.summary(), "LOOKUP=2 COPY_FILE_RANGE=1 total=3");
+    }
+
+    #[test]
+    fn getxattr_is_told_apart_by_name() {
+        let counts = RequestCounts::default();
+        for name in [
+            &b"security.capability"[..],
+            b"system.posix_acl_access",
+            b"system.posix_acl_default",
+            b"user.x",
+        ] {
+            counts.count(Op::getxattr(name));
+        }
+        assert_eq!(
+            counts.summary(),
+            "GETXATTR=1 GETXATTR(security.capability)=1 GETXATTR(system.posix_acl_*)=2 total=4"
+        );
     }
 }
