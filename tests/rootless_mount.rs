@@ -6,8 +6,9 @@
 //! (`in_private_namespace`), where /dev/fuse is a node every user may open
 //! and /etc/fuse.conf a scratch file, both bound over the real ones, which
 //! stay as they are (the setuid fusermount3 run there reads the scratch
-//! file). /tmp and /run/user there are fresh tmpfs, so the per-user pid
-//! directories the daemons make go with the namespace. Every mount has a guard that
+//! file). /tmp and /run/user there are fresh tmpfs (the build tree, should
+//! it be under /tmp, bound back in), so the per-user pid directories the
+//! daemons make go with the namespace. Every mount has a guard that
 //! unmounts it in Drop (lazily as a last resort) and stops its daemon, and
 //! each test checks that its daemons are gone, so that the namespace and
 //! its mounts end with the test.
@@ -75,6 +76,14 @@ fn enter_private_namespace(fuse_conf: &str) {
         None::<&str>,
     )
     .expect("make / private");
+    // The build tree may be under /tmp (a clone there): it stays in sight,
+    // bound back from the /tmp the tmpfs covers.
+    let old_tmp = nix::fcntl::open(
+        "/tmp",
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY,
+        nix::sys::stat::Mode::empty(),
+    )
+    .expect("open /tmp");
     mount(
         Some("tmpfs"),
         "/tmp",
@@ -83,6 +92,17 @@ fn enter_private_namespace(fuse_conf: &str) {
         Some("mode=1777"),
     )
     .expect("tmpfs on /tmp");
+    for kept in build_tree_under_tmp() {
+        let inside = kept.strip_prefix("/tmp").unwrap();
+        fs::create_dir_all(&kept).unwrap();
+        let old = PathBuf::from(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&old_tmp)
+        ))
+        .join(inside);
+        bind(&old, &kept);
+    }
+    drop(old_tmp);
     // Nor a login's runtime directory, should this machine have one.
     if Path::new("/run/user").is_dir() {
         mount(
@@ -112,6 +132,24 @@ fn enter_private_namespace(fuse_conf: &str) {
         "/etc/fuse.conf is missing (the fuse3 package installs it)"
     );
     bind(conf, Path::new("/etc/fuse.conf"));
+}
+
+/// The top directories under /tmp holding the binary and the scratch
+/// directories, if they are there.
+fn build_tree_under_tmp() -> Vec<PathBuf> {
+    let mut kept: Vec<PathBuf> = [BIN, env!("CARGO_TARGET_TMPDIR")]
+        .iter()
+        .filter_map(|path| {
+            let first = Path::new(path)
+                .strip_prefix("/tmp")
+                .ok()?
+                .components()
+                .next()?;
+            Some(Path::new("/tmp").join(first))
+        })
+        .collect();
+    kept.dedup();
+    kept
 }
 
 fn bind(source: &Path, target: &Path) {
