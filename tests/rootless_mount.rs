@@ -405,17 +405,29 @@ fn plain_user_mounts_for_itself_without_user_allow_other() {
 
         // `unionfs umount` as the user unmounts (through fusermount3) and
         // waits for the daemon.
-        succeeds(as_user(user, BIN).arg("umount").arg(&m.mountpoint));
-        assert!(!m.mounted());
-        assert!(
-            process_gone(daemon),
-            "umount returned before the daemon exited"
-        );
-        assert!(pid_in(&pid_dir, &m.mountpoint).is_none(), "pid file left");
-        let mnt = m.mountpoint.clone();
-        drop(m);
-        assert_cleaned_up(&mnt, Some(daemon));
+        umount_as_user(m, None, &pid_dir);
     });
+}
+
+/// `unionfs umount` of `m` as its user (with `runtime` as its
+/// XDG_RUNTIME_DIR): unmounted, the daemon gone before it returned, its pid
+/// file in `pid_dir` removed, nothing left.
+fn umount_as_user(m: UserMount, runtime: Option<&Path>, pid_dir: &Path) {
+    let daemon = m.daemon.expect("a daemon");
+    let mut cmd = as_user(m.user, BIN);
+    if let Some(runtime) = runtime {
+        cmd.env("XDG_RUNTIME_DIR", runtime);
+    }
+    succeeds(cmd.arg("umount").arg(&m.mountpoint));
+    assert!(!m.mounted());
+    assert!(
+        process_gone(daemon),
+        "umount returned before the daemon exited"
+    );
+    assert!(pid_in(pid_dir, &m.mountpoint).is_none(), "pid file left");
+    let mnt = m.mountpoint.clone();
+    drop(m);
+    assert_cleaned_up(&mnt, Some(daemon));
 }
 
 #[test]
@@ -434,24 +446,9 @@ fn plain_user_gets_allow_other_with_user_allow_other() {
         assert!(super_options(&entry).contains(&"allow_other"), "{entry:?}");
         // Another user (root here) gets in.
         assert_eq!(fs::read(m.mountpoint.join("file")).unwrap(), b"lower data");
-        let daemon = m.daemon.unwrap();
 
         // `unionfs umount` finds the pid file there and waits for the daemon.
-        succeeds(
-            as_user(user, BIN)
-                .env("XDG_RUNTIME_DIR", &runtime)
-                .arg("umount")
-                .arg(&m.mountpoint),
-        );
-        assert!(!m.mounted());
-        assert!(
-            process_gone(daemon),
-            "umount returned before the daemon exited"
-        );
-        assert!(pid_in(&pid_dir, &m.mountpoint).is_none(), "pid file left");
-        let mnt = m.mountpoint.clone();
-        drop(m);
-        assert_cleaned_up(&mnt, Some(daemon));
+        umount_as_user(m, Some(&runtime), &pid_dir);
     });
 }
 
