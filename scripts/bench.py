@@ -158,7 +158,14 @@ def implementations(unionfs, fo1, fo2):
                       f"{unionfs} mount --lower {l} --upper {u} --work {w} {m}"))
     impls.append(Impl("unionfs-passthrough-upper", lambda l, u, w, m:
                       f"{unionfs} mount --lower {l} --upper {u} --work {w} {m} -o passthrough=upper"))
+    impls.append(Impl("unionfs-nocache-readdir", lambda l, u, w, m:
+                      f"{unionfs} mount --lower {l} --upper {u} --work {w} {m} -o nocache_readdir"))
     return impls
+
+
+# Run unless --impls names others: the nocache_readdir mount is there to
+# show what the kernel's listing cache costs and saves, on demand.
+DEFAULT_IMPLS = "kernel,fuse-overlayfs-1,fuse-overlayfs-2,unionfs,unionfs-passthrough-upper"
 
 
 def unmount(mnt):
@@ -919,6 +926,8 @@ def main():
     ap.add_argument("--fuse-overlayfs-1", default=shutil.which("fuse-overlayfs") or "")
     ap.add_argument("--fuse-overlayfs-2", default="/opt/fuse-overlayfs2/bin/fuse-overlayfs")
     ap.add_argument("--only", default="", help="comma-separated workload name prefixes")
+    ap.add_argument("--impls", default=DEFAULT_IMPLS,
+                    help="comma-separated implementations to run (also: unionfs-nocache-readdir)")
     ap.add_argument("--mounts", default="1,10,50", help="many mounts: comma-separated numbers of mounts")
     ap.add_argument("--mounts-files", type=int, default=20000, help="many mounts: small files in the layers")
     ap.add_argument("--mounts-big-mib", type=int, default=256, help="many mounts: size of the big file")
@@ -944,7 +953,11 @@ def main():
 
     start = time.time()
     os.makedirs(args.workdir, exist_ok=True)
-    impls = implementations(args.unionfs, args.fuse_overlayfs_1, fo2)
+    wanted = args.impls.split(",")
+    impls = [i for i in implementations(args.unionfs, args.fuse_overlayfs_1, fo2) if i.name in wanted]
+    unknown = set(wanted) - {i.name for i in impls}
+    if unknown:
+        sys.exit(f"bench: unknown or missing implementations: {', '.join(sorted(unknown))}")
     data = {}
     if not args.many_mounts_only:
         ctx = Ctx()

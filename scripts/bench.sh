@@ -7,7 +7,7 @@
 # docs/benchmarks.json and the charts. As root, with nothing else running:
 #
 #   scripts/bench.sh                       # everything, default sizes
-#   scripts/bench.sh [--rounds N] [--only PREFIX,...] [--files N] [--big-mib N] [--wide N]
+#   scripts/bench.sh [--rounds N] [--only PREFIX,...] [--impls NAME,...] [--files N] [--big-mib N] [--wide N]
 #                    [--many-mounts-only | --no-many-mounts] [--mounts 1,10,50]
 #                    [--mounts-files N] [--mounts-big-mib N] [--mounts-rounds N] [--output FILE]
 #

@@ -59,6 +59,10 @@ pub struct MountOptions {
     pub static_nlink: bool,
     /// No POSIX ACLs in the mount (`noacl`).
     pub noacl: bool,
+    /// Directory listings stay out of the kernel's page cache
+    /// (`nocache_readdir`): every listing is asked of the daemon, and a
+    /// mount keeps no page per directory it listed.
+    pub nocache_readdir: bool,
     /// Who besides the mounting user may use the mount.
     pub access: Access,
 }
@@ -105,6 +109,7 @@ impl Default for MountOptions {
             squash_to_gid: None,
             static_nlink: false,
             noacl: false,
+            nocache_readdir: false,
             access: Access::Default,
         }
     }
@@ -183,6 +188,7 @@ const FLAGS: &[&str] = &[
     "squash_to_root",
     "static_nlink",
     "noacl",
+    "nocache_readdir",
     "allow_other",
     "allow_root",
 ];
@@ -253,6 +259,7 @@ pub fn apply_options(req: &mut MountRequest, arg: &str) -> Result<(), ConfigErro
             ("squash_to_gid", Some(v)) => req.options.squash_to_gid = Some(squash_id(&opt, v)?),
             ("static_nlink", None) => req.options.static_nlink = true,
             ("noacl", None) => req.options.noacl = true,
+            ("nocache_readdir", None) => req.options.nocache_readdir = true,
             ("nodev", None) => req.options.nodev = true,
             ("nosuid", None) => req.options.nosuid = true,
             ("noexec", None) => req.options.noexec = true,
@@ -751,6 +758,7 @@ mod tests {
             "squash_to_root=1",
             "static_nlink=yes",
             "noacl=0",
+            "nocache_readdir=1",
         ] {
             let mut req = MountRequest::default();
             let err = apply_options(&mut req, bad).expect_err(bad);
@@ -759,11 +767,12 @@ mod tests {
         let mut req = MountRequest::default();
         apply_options(
             &mut req,
-            "threads=3,passthrough=all,ro,,x-systemd.automount",
+            "threads=3,passthrough=all,ro,,x-systemd.automount,nocache_readdir",
         )
         .unwrap();
         assert_eq!(req.threads, Some(3));
         assert!(req.options.lower_passthrough && req.options.read_only);
+        assert!(req.options.nocache_readdir);
         assert!(req.warnings.is_empty(), "{:?}", req.warnings);
     }
 

@@ -463,6 +463,7 @@ fn serve(mount: &ValidMount, ready: &mut ReadyPipe) -> Result<(), String> {
             lower_passthrough: mount.options.lower_passthrough,
             posix_acl: !mount.options.noacl,
             answer_opendir: mount.options.access == Access::AllowRoot,
+            cache_listings: !mount.options.nocache_readdir,
         },
     )
     .map_err(|e| format!("spawn memory thread: {e}"))?;

@@ -3,7 +3,8 @@
 //! rewinddir shows every change made through the mount, a reader in the
 //! middle of a listing stays sane while the directory changes and another
 //! reader lists it, seekdir returns to a telldir position, and directories
-//! cost no OPENDIR/RELEASEDIR round trips (except with allow_root).
+//! cost no OPENDIR/RELEASEDIR round trips (except with allow_root or
+//! nocache_readdir).
 
 mod common;
 
@@ -362,4 +363,17 @@ fn allow_root_mounts_still_answer_opendir() {
     assert!(count(&line, "OPENDIR") >= 40, "{line}");
     // RELEASEDIR comes after close() returns: the last may not be in yet.
     assert!(count(&line, "RELEASEDIR") >= 30, "{line}");
+}
+
+/// With `nocache_readdir` every listing is asked of the daemon: the kernel
+/// keeps no listing page, and each of the 40 listings costs an OPENDIR and
+/// two READDIRs (the entries, then the end).
+#[test]
+fn nocache_readdir_mounts_ask_the_daemon_for_every_listing() {
+    let line = requests_for_listing(&["-o", "nocache_readdir"]);
+    assert!(count(&line, "OPENDIR") >= 40, "{line}");
+    assert!(
+        count(&line, "READDIRPLUS") + count(&line, "READDIR") >= 80,
+        "{line}"
+    );
 }

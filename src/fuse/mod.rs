@@ -69,6 +69,13 @@ pub struct AdapterOptions {
     /// listing of a directory the kernel already caches would otherwise
     /// send none it could refuse.
     pub answer_opendir: bool,
+    /// Let the kernel keep directory listings in its page cache (the
+    /// default): a warm walk then reaches the daemon once per directory,
+    /// for the attributes the first listing marked stale, and never after.
+    /// The price is a page per listed directory per mount; off
+    /// (`nocache_readdir`), OPENDIR, READDIR and RELEASEDIR go to the daemon
+    /// at every listing.
+    pub cache_listings: bool,
 }
 
 pub struct UnionFs {
@@ -239,8 +246,11 @@ impl Filesystem for UnionFs {
             }
         }
         // Without the kernel's word that it opens directories on its own
-        // after ENOSYS, ENOSYS would fail every opendir(3).
-        self.no_opendir = !self.options.answer_opendir
+        // after ENOSYS, ENOSYS would fail every opendir(3). Directories the
+        // kernel opens on its own always keep their listings, so a mount
+        // that must not keep them answers OPENDIR.
+        self.no_opendir = self.options.cache_listings
+            && !self.options.answer_opendir
             && config
                 .capabilities()
                 .contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
@@ -400,10 +410,12 @@ impl Filesystem for UnionFs {
         // and the upper only through this mount, where the kernel bumps the
         // directory's version at every change it makes, which drops them
         // at the next read from the start.
-        reply.opened(
-            FileHandle(0),
-            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
-        )
+        let keep = if self.options.cache_listings {
+            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
+        };
+        reply.opened(FileHandle(0), keep)
     }
 
     fn readdir(
