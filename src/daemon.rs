@@ -17,7 +17,9 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::{geteuid, getuid};
 use tracing::{debug, info, warn};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::cli::UmountArgs;
 use crate::config::{Access, ValidMount, mounted_by_unionfs};
@@ -53,23 +55,43 @@ fn init_logging(debug: bool, log_file: Option<File>) -> Result<(), String> {
     } else {
         "unionfs=warn,fuser=error"
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
+    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref(), default);
+    let format = tracing_subscriber::fmt::layer().with_target(false);
+    let registry = tracing_subscriber::registry().with(filter);
     match log_file {
-        Some(file) => builder
-            .with_ansi(false)
-            .with_writer(Arc::new(file))
+        Some(file) => registry
+            .with(format.with_ansi(false).with_writer(Arc::new(file)))
             .try_init(),
         // Colour codes only for a person at a terminal: in a pipe or a
         // redirected file they are noise for whoever reads it.
-        None => builder
-            .with_ansi(std::io::stderr().is_terminal())
-            .with_writer(std::io::stderr)
+        None => registry
+            .with(
+                format
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_writer(std::io::stderr),
+            )
             .try_init(),
     }
     .map_err(|e| format!("cannot start logging: {e}"))
+}
+
+/// The log levels: RUST_LOG's `target=level,...` list if set and valid,
+/// else the default. Targets, not EnvFilter: EnvFilter's span and field
+/// filters bring the regex engines into the binary, and their code pages
+/// into every daemon's resident memory. A variable set for some other
+/// program must not stop a mount: an unreadable one is reported and left.
+fn log_filter(rust_log: Option<&str>, default: &str) -> Targets {
+    let fallback = || default.parse().expect("the default log filter parses");
+    match rust_log.filter(|v| !v.trim().is_empty()) {
+        Some(value) => value.parse().unwrap_or_else(|e| {
+            eprintln!(
+                "unionfs: warning: ignoring RUST_LOG='{value}': {e} \
+                 (expected LEVEL or TARGET=LEVEL, comma-separated)"
+            );
+            fallback()
+        }),
+        None => fallback(),
+    }
 }
 
 /// What a detached daemon sends its waiting caller once the mount answers;
@@ -959,6 +981,22 @@ pub fn is_dead_fuse_mount(error: &std::io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rust_log_sets_levels_by_target_and_a_bad_one_leaves_the_default() {
+        use tracing::Level;
+        let default = "unionfs=warn,fuser=error";
+        let stats = log_filter(Some("unionfs=warn,unionfs::fuse::stats=debug"), default);
+        assert!(stats.would_enable("unionfs::fuse::stats", &Level::DEBUG));
+        assert!(!stats.would_enable("unionfs::overlay", &Level::INFO));
+        let plain = log_filter(Some("debug"), default);
+        assert!(plain.would_enable("fuser::session", &Level::DEBUG));
+        for unset in [None, Some(""), Some("unionfs=loud")] {
+            let filter = log_filter(unset, default);
+            assert!(filter.would_enable("unionfs::daemon", &Level::WARN), "{unset:?}");
+            assert!(!filter.would_enable("unionfs::daemon", &Level::INFO), "{unset:?}");
+        }
+    }
 
     #[test]
     fn pid_records_tell_the_writer_from_a_reused_pid() {
