@@ -529,6 +529,16 @@ print("read", flush=True)
 """
 
 
+def pss_kib(pid):
+    """Proportional set size: shared pages (the binary's and libc's code,
+    mapped by every daemon) split between the processes mapping them."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    return 0
+
+
 def settle_rss(pids, timeout=10):
     """RSS of each daemon once their sum stops falling (after FORGETs)."""
     deadline = time.time() + timeout
@@ -561,6 +571,7 @@ def many_mounts_once(impl, n, layers, run_dir, cg_name):
                 fig["mount_ms"].append(impl.mount(layers, upper, work, mnt, preexec_fn=cg.join) * 1000)
             pids = [p for p in impl.daemon_pids(mnts) if p]
             fig["rss_idle_mib"] = [rss_kib(p) / 1024 for p in pids]
+            fig["pss_idle_mib"] = [pss_kib(p) / 1024 for p in pids]
             with subprocess.Popen([sys.executable, "-c", WALK_AND_READ] + mnts, stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True, preexec_fn=cg.join) as walker:
 
@@ -573,6 +584,7 @@ def many_mounts_once(impl, n, layers, run_dir, cg_name):
                 walker.stdin.flush()
                 step("walked")
                 fig["rss_walked_mib"] = [rss_kib(p) / 1024 for p in pids]
+                fig["pss_walked_mib"] = [pss_kib(p) / 1024 for p in pids]
                 walker.stdin.write("read\n")
                 walker.stdin.flush()
                 step("read")
@@ -674,6 +686,8 @@ MOUNT_FIGURES = (("page_cache_mib", "page cache of the walks and reads, MiB"),
                  ("rss_walked_mib", "daemon RSS per mount after the walks, MiB"),
                  ("rss_read_mib", "daemon RSS per mount after the walks and reads, MiB"),
                  ("rss_forgotten_mib", "daemon RSS per mount after forget, MiB"),
+                 ("pss_idle_mib", "daemon PSS per mount, idle, MiB"),
+                 ("pss_walked_mib", "daemon PSS per mount after the walks, MiB"),
                  ("mount_ms", "mount time per mount, ms"))
 
 
@@ -842,7 +856,9 @@ def write_report(data, args, path, png, mounts_png, data_file):
                     "has started; the row 'all' counts from the empty cgroup: mount commands, daemon "
                     "binaries and the interpreter too). Daemon RSS: right after mounting (idle), after "
                     "the walks of all mounts, after the reads, and after `echo 2 > "
-                    "/proc/sys/vm/drop_caches` made the kernel forget its nodes. "
+                    "/proc/sys/vm/drop_caches` made the kernel forget its nodes. Daemon PSS "
+                    "(`/proc/PID/smaps_rollup`) splits the pages the daemons share, their binary's "
+                    "and libc's code above all, between them: RSS counts them whole in each. "
                     f"{m['rounds']} rounds.\n\n")
             f.write(mounts_table(m, [i for i in meta["impls"] if i in m["figures"]]) + "\n")
             f.write(f"\n![many mounts]({os.path.basename(mounts_png)})\n")
