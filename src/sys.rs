@@ -229,6 +229,26 @@ pub fn receive_fd(socket: BorrowedFd<'_>) -> io::Result<Option<std::os::fd::Owne
     Ok(received.into_iter().next())
 }
 
+/// Starts writeback of a range of a file's dirty pages and returns without
+/// waiting for it (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): no promise of
+/// durability, only the disk put to work while the caller goes on.
+pub fn start_writeback(file: impl AsFd, offset: i64, len: i64) -> io::Result<()> {
+    // SAFETY: sync_file_range takes a descriptor and integers and reads no
+    // memory from us.
+    let rc = unsafe {
+        libc::sync_file_range(
+            file.as_fd().as_raw_fd(),
+            offset,
+            len,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Clones a file's extents into another (reflink) where the filesystem can.
 pub fn ficlone(dest: impl AsFd, src: impl AsFd) -> io::Result<()> {
     // SAFETY: FICLONE takes the source descriptor as its integer argument and
