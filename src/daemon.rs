@@ -993,8 +993,14 @@ mod tests {
         assert!(plain.would_enable("fuser::session", &Level::DEBUG));
         for unset in [None, Some(""), Some("unionfs=loud")] {
             let filter = log_filter(unset, default);
-            assert!(filter.would_enable("unionfs::daemon", &Level::WARN), "{unset:?}");
-            assert!(!filter.would_enable("unionfs::daemon", &Level::INFO), "{unset:?}");
+            assert!(
+                filter.would_enable("unionfs::daemon", &Level::WARN),
+                "{unset:?}"
+            );
+            assert!(
+                !filter.would_enable("unionfs::daemon", &Level::INFO),
+                "{unset:?}"
+            );
         }
     }
 
