@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use common::podman::{Podman, RUN_LIMITS, tar_rootfs};
+use common::podman::{Podman, RUN_LIMITS, install_busybox, tar_rootfs};
 use common::*;
 
 const CONTAINERFILE: &str = "FROM base
@@ -62,29 +62,25 @@ fn build_fixture() -> Fixture {
     for d in ["bin", "etc", "tmp", "data/sub"] {
         fs::create_dir_all(rootfs.join(d)).unwrap();
     }
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("busybox-static is not installed (scripts/test.sh installs it)");
-    fs::copy(busybox, rootfs.join("bin/busybox")).unwrap();
-    for applet in [
-        "sh",
-        "cat",
-        "echo",
-        "mkdir",
-        "rm",
-        "chmod",
-        "chown",
-        "ln",
-        "touch",
-        "find",
-        "sort",
-        "xargs",
-        "stat",
-        "sha256sum",
-    ] {
-        symlink("busybox", rootfs.join("bin").join(applet));
-    }
+    install_busybox(
+        &rootfs,
+        &[
+            "sh",
+            "cat",
+            "echo",
+            "mkdir",
+            "rm",
+            "chmod",
+            "chown",
+            "ln",
+            "touch",
+            "find",
+            "sort",
+            "xargs",
+            "stat",
+            "sha256sum",
+        ],
+    );
     for (path, content) in [
         ("data/a", &b"base\n"[..]),
         ("data/sub/b", b"base2\n"),

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use common::podman::install_busybox;
 use common::*;
 
 const CONTAINERFILE: &str = "FROM base
@@ -140,16 +141,12 @@ fn build_rootfs(dir: &Path) {
     for d in ["bin", "etc", "tmp", "data/sub"] {
         fs::create_dir_all(rootfs.join(d)).unwrap();
     }
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("busybox-static is not installed (scripts/test.sh installs it)");
-    fs::copy(busybox, rootfs.join("bin/busybox")).unwrap();
-    for applet in [
-        "sh", "ls", "cat", "echo", "mkdir", "rm", "chmod", "ln", "mv", "touch", "cp",
-    ] {
-        symlink("busybox", rootfs.join("bin").join(applet));
-    }
+    install_busybox(
+        &rootfs,
+        &[
+            "sh", "ls", "cat", "echo", "mkdir", "rm", "chmod", "ln", "mv", "touch", "cp",
+        ],
+    );
     write(rootfs.join("data/a"), b"base\n");
     write(rootfs.join("data/sub/b"), b"base2\n");
     write(rootfs.join("data/gone"), b"gone\n");
