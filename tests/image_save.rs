@@ -10,13 +10,14 @@ mod common;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
 use common::podman::{Podman, RUN_LIMITS, install_busybox, tar_rootfs};
+use common::store::ImageStore as Store;
 use common::*;
 
 const CONTAINERFILE: &str = "FROM base
@@ -113,41 +114,10 @@ fn build_fixture() -> Fixture {
     }
 }
 
-struct StoreDir {
-    scratch: Scratch,
-}
-
-impl StoreDir {
-    fn new() -> StoreDir {
-        StoreDir {
-            scratch: Scratch::new(),
-        }
-    }
-
-    fn root(&self) -> PathBuf {
-        self.scratch.path("store")
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        run_with_timeout(
-            Command::new(BIN).args(args).arg("--root").arg(self.root()),
-            Duration::from_secs(120),
-        )
-    }
-
-    fn ok(&self, args: &[&str]) -> Vec<u8> {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "unionfs {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
-    }
-
+impl Store {
     /// A store with the podman-built image loaded.
-    fn loaded() -> StoreDir {
-        let store = StoreDir::new();
+    fn loaded() -> Store {
+        let store = Store::new();
         store.ok(&["image", "load", "-i", fixture().original.to_str().unwrap()]);
         store
     }
@@ -170,7 +140,7 @@ impl StoreDir {
 #[test]
 fn saved_archives_load_and_run_in_podman_like_the_original() {
     let fx = fixture();
-    let store = StoreDir::loaded();
+    let store = Store::loaded();
     let scratch = Scratch::new();
     let podman = Podman::new(scratch.dir.path().join("podman"));
     for format in ["docker-archive", "oci-archive"] {
@@ -192,12 +162,12 @@ fn saved_archives_load_and_run_in_podman_like_the_original() {
 
 #[test]
 fn saving_is_deterministic_and_stdout_matches_the_file() {
-    let store = StoreDir::loaded();
+    let store = Store::loaded();
     for format in ["docker-archive", "oci-archive"] {
         let first = fs::read(store.save(format, "one.tar")).unwrap();
         let second = fs::read(store.save(format, "two.tar")).unwrap();
         assert!(first == second, "{format}: two saves differ");
-        let piped = store.ok(&["image", "save", "localhost/saved", "--format", format]);
+        let piped = store.ok_bytes(&["image", "save", "localhost/saved", "--format", format]);
         assert!(piped == first, "{format}: stdout differs from -o");
     }
 }
@@ -205,22 +175,21 @@ fn saving_is_deterministic_and_stdout_matches_the_file() {
 #[test]
 fn saved_archives_load_back_into_unionfs_and_rm_removes_the_layer_tars() {
     let fx = fixture();
-    let store = StoreDir::loaded();
+    let store = Store::loaded();
     let tars = store.root().join("blobs/sha256");
     assert_eq!(fs::read_dir(&tars).unwrap().count(), fx.diff_ids.len());
     for format in ["docker-archive", "oci-archive"] {
         let archive = store.save(format, &format!("{format}.tar"));
-        let other = StoreDir::new();
+        let other = Store::new();
         let out = other.ok(&["image", "load", "-i", archive.to_str().unwrap()]);
-        assert!(String::from_utf8_lossy(&out).contains(IMAGE));
-        let info: serde_json::Value =
-            serde_json::from_slice(&other.ok(&["image", "inspect", "saved"])).unwrap();
+        assert!(out.contains(IMAGE));
+        let info = other.json(&["image", "inspect", "saved"]);
         assert_eq!(info[0]["Id"], fx.id.as_str());
         let layers: Vec<String> =
             serde_json::from_value(info[0]["RootFS"]["Layers"].clone()).unwrap();
         assert_eq!(layers, fx.diff_ids, "{format}");
     }
-    let df = String::from_utf8(store.ok(&["system", "df"])).unwrap();
+    let df = store.ok(&["system", "df"]);
     assert!(df.contains("Layer tars"), "{df}");
     store.ok(&["image", "rm", "saved"]);
     assert_eq!(fs::read_dir(&tars).unwrap().count(), 0);
@@ -232,7 +201,7 @@ fn saved_archives_load_back_into_unionfs_and_rm_removes_the_layer_tars() {
 
 #[test]
 fn save_errors_are_one_line() {
-    let store = StoreDir::loaded();
+    let store = Store::loaded();
     let target = store.scratch.path("x.tar");
     let out = store.run(&["image", "save", "nothing", "-o", target.to_str().unwrap()]);
     assert!(!out.status.success());
@@ -304,7 +273,7 @@ fn tree_digest(dir: &Path) -> String {
 
 #[test]
 fn sigkill_during_save_leaves_no_partial_archive() {
-    let store = StoreDir::loaded();
+    let store = Store::loaded();
     let out_dir = store.scratch.mkdir("out");
     let reference_path = store.save("docker-archive", "reference.tar");
     let reference = fs::read(&reference_path).unwrap();

@@ -17,6 +17,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::podman::{Podman, install_busybox};
+use common::store::ImageStore as Store;
 use common::*;
 use sha2::{Digest as _, Sha256};
 
@@ -183,49 +184,9 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// A fresh store root inside a scratch dir.
-struct StoreDir {
-    scratch: Scratch,
-}
-
-impl StoreDir {
-    fn new() -> StoreDir {
-        StoreDir {
-            scratch: Scratch::new(),
-        }
-    }
-
-    fn root(&self) -> PathBuf {
-        self.scratch.path("store")
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(BIN);
-        cmd.args(args).arg("--root").arg(self.root());
-        cmd
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        run_with_timeout(&mut self.cmd(args), Duration::from_secs(120))
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "unionfs {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
+impl Store {
     fn load(&self, archive: &Path) -> String {
         self.ok(&["image", "load", "-i", archive.to_str().unwrap()])
-    }
-
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        serde_json::from_str(&self.ok(args)).unwrap()
     }
 
     /// Every path, type, mode, size and content under the store, except
@@ -268,12 +229,12 @@ impl StoreDir {
     }
 }
 
-fn inspect(store: &StoreDir, image: &str) -> serde_json::Value {
+fn inspect(store: &Store, image: &str) -> serde_json::Value {
     store.json(&["image", "inspect", image])[0].clone()
 }
 
 /// Mounts the image's layers with unionfs and compares the tree with podman's.
-fn assert_mounts_like_podman(store: &StoreDir, image: &str, expected: &BTreeMap<String, String>) {
+fn assert_mounts_like_podman(store: &Store, image: &str, expected: &BTreeMap<String, String>) {
     let info = inspect(store, image);
     let lowers: Vec<PathBuf> = info["LayerDirs"]
         .as_array()
@@ -316,7 +277,7 @@ fn diff_ids(info: &serde_json::Value) -> Vec<String> {
 #[test]
 fn docker_archive_loads_like_podman_has_it() {
     let fx = fixture();
-    let store = StoreDir::new();
+    let store = Store::new();
     let out = store.load(&fx.result_docker);
     assert!(
         out.contains("Loaded image: localhost/result:latest"),
@@ -377,7 +338,7 @@ fn docker_archive_loads_like_podman_has_it() {
 #[test]
 fn oci_archive_loads_like_podman_has_it() {
     let fx = fixture();
-    let store = StoreDir::new();
+    let store = Store::new();
     store.load(&fx.result_oci);
     let listed = store.json(&["image", "ls", "--format", "json"]);
     let id = listed[0]["Id"].as_str().unwrap().to_string();
@@ -389,7 +350,7 @@ fn oci_archive_loads_like_podman_has_it() {
 #[test]
 fn shared_layers_are_stored_once_and_outlive_one_image() {
     let fx = fixture();
-    let store = StoreDir::new();
+    let store = Store::new();
     let first = store.load(&fx.result_docker);
     assert!(!first.contains("Already exists"), "{first}");
     let second = store.load(&fx.other_docker);
@@ -512,7 +473,7 @@ fn layer_of(entries: &[(tar::Header, Vec<u8>)]) -> Vec<u8> {
     builder.into_inner().unwrap()
 }
 
-fn expect_refused(store: &StoreDir, archive: &[u8], what: &str, expected_msg: &str) {
+fn expect_refused(store: &Store, archive: &[u8], what: &str, expected_msg: &str) {
     let before = store.digest();
     let path = store.scratch.path(&format!("{what}.tar"));
     fs::write(&path, archive).unwrap();
@@ -533,7 +494,7 @@ fn expect_refused(store: &StoreDir, archive: &[u8], what: &str, expected_msg: &s
 #[test]
 fn hostile_archives_are_refused_and_change_nothing() {
     use tar::EntryType::{Directory, Link, Regular, Symlink};
-    let store = StoreDir::new();
+    let store = Store::new();
     // A good image first, so that "unchanged" covers a populated store.
     let good = layer_of(&[
         raw_entry(Directory, "ok/", "", b""),
@@ -725,7 +686,7 @@ fn oci_archive(layer: &[u8], media_type: &str) -> Vec<u8> {
 /// compressed digest is checked and the diff_id still matches.
 #[test]
 fn compressed_oci_layers_load() {
-    let store = StoreDir::new();
+    let store = Store::new();
     let layer = layer_of(&[raw_entry(tar::EntryType::Regular, "f", "", b"compressed")]);
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     gz.write_all(&layer).unwrap();
@@ -779,7 +740,7 @@ fn replace_layer_blob(_archive: &[u8], layer: &[u8], blob: &[u8]) -> Vec<u8> {
 }
 
 /// Index and layers agree: every listed layer is there, nothing else is.
-fn assert_consistent(store: &StoreDir) {
+fn assert_consistent(store: &Store) {
     let index: serde_json::Value = match fs::read(store.root().join("index.json")) {
         Ok(bytes) => serde_json::from_slice(&bytes).unwrap(),
         Err(_) => serde_json::json!({"images": {}, "layers": {}}),
@@ -802,7 +763,7 @@ fn assert_consistent(store: &StoreDir) {
 #[test]
 fn sigkill_during_load_leaves_a_consistent_store() {
     let fx = fixture();
-    let store = StoreDir::new();
+    let store = Store::new();
     store.load(&fx.other_docker);
     let archive = fs::read(&fx.result_docker).unwrap();
     // Killed while reading the archive (half of it written to its stdin),
@@ -864,7 +825,7 @@ fn sigkill_during_load_leaves_a_consistent_store() {
 #[test]
 fn concurrent_loads_store_a_shared_layer_once() {
     let fx = fixture();
-    let store = StoreDir::new();
+    let store = Store::new();
     let children: Vec<_> = [&fx.result_docker, &fx.other_docker, &fx.result_oci]
         .into_iter()
         .map(|archive| {
@@ -911,7 +872,7 @@ fn wait_output(mut child: std::process::Child, timeout: Duration) -> Output {
 
 #[test]
 fn errors_are_one_line() {
-    let store = StoreDir::new();
+    let store = Store::new();
     let out = store.run(&["image", "rm", "nothing"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -925,7 +886,7 @@ fn errors_are_one_line() {
 
 #[test]
 fn piped_and_quiet_loads_show_no_progress() {
-    let store = StoreDir::new();
+    let store = Store::new();
     let layer = layer_of(&[raw_entry(tar::EntryType::Regular, "f", "", b"x")]);
     let path = store.scratch.path("one.tar");
     fs::write(&path, docker_archive(&layer, None)).unwrap();
@@ -969,7 +930,7 @@ fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {
 #[test]
 fn metadata_survives_unpacking() {
     use tar::EntryType::{Block, Char, Directory, Fifo, Link, Regular, Symlink, XHeader};
-    let store = StoreDir::new();
+    let store = Store::new();
     // security.capability v2: cap_net_bind_service (bit 10) permitted+effective.
     let mut cap = vec![0u8; 20];
     cap[0..4].copy_from_slice(&0x0200_0001u32.to_le_bytes());

@@ -23,15 +23,25 @@ impl ImageStore {
         self.scratch.path("store")
     }
 
+    /// `unionfs ARGS --root STORE`, not yet run: for the tests that pipe
+    /// into it, wait on it themselves or kill it.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args).arg("--root").arg(self.root());
+        cmd
+    }
+
     pub fn run(&self, args: &[&str]) -> Output {
-        run_with_timeout(
-            Command::new(BIN).args(args).arg("--root").arg(self.root()),
-            Duration::from_secs(120),
-        )
+        run_with_timeout(&mut self.cmd(args), Duration::from_secs(120))
     }
 
     /// Runs a command that must succeed; returns its stdout.
     pub fn ok(&self, args: &[&str]) -> String {
+        String::from_utf8(self.ok_bytes(args)).unwrap()
+    }
+
+    /// `ok` for a command whose stdout is binary (an archive).
+    pub fn ok_bytes(&self, args: &[&str]) -> Vec<u8> {
         let out = self.run(args);
         assert!(
             out.status.success(),
@@ -39,7 +49,7 @@ impl ImageStore {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        String::from_utf8(out.stdout).unwrap()
+        out.stdout
     }
 
     /// Runs a command that must fail with one line on stderr; returns it.
