@@ -10,7 +10,6 @@ mod common;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -283,23 +282,17 @@ fn sigkill_during_save_leaves_no_partial_archive() {
     let took = started.elapsed();
     for percent in [0u32, 5, 15, 30, 50, 70, 90, 98] {
         let target = out_dir.join(format!("killed-{percent}.tar"));
-        let mut child = Command::new(BIN)
-            .args(["image", "save", "-q", "saved", "-o"])
-            .arg(&target)
-            .arg("--root")
-            .arg(store.root())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(took * percent / 100);
-        // Our own child, by its PID.
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
-        child.wait().unwrap();
+        store.kill_after(
+            &[
+                "image",
+                "save",
+                "-q",
+                "saved",
+                "-o",
+                target.to_str().unwrap(),
+            ],
+            took * percent / 100,
+        );
         if target.exists() {
             assert!(
                 fs::read(&target).unwrap() == reference,

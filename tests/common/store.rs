@@ -2,7 +2,7 @@
 //! (`unionfs ... --root DIR`), for the image and container tests.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use super::{BIN, Scratch, UnionMount, run_with_timeout};
@@ -29,6 +29,20 @@ impl ImageStore {
         let mut cmd = Command::new(BIN);
         cmd.args(args).arg("--root").arg(self.root());
         cmd
+    }
+
+    /// Starts `unionfs ARGS --root STORE` and SIGKILLs it (our own child,
+    /// by its PID) after `delay`: a crash at that point of its work.
+    pub fn kill_after(&self, args: &[&str], delay: Duration) {
+        let mut child = self
+            .cmd(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(delay);
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
