@@ -655,69 +655,15 @@ fn hostile_archives_are_refused_and_change_nothing() {
 
 /// An oci-archive with one image of one layer, declared with `media_type`.
 fn oci_archive(layer: &[u8], media_type: &str) -> Vec<u8> {
+    oci_archive_with_blob(layer, layer, media_type)
+}
+
+/// An oci-archive with one image whose one layer, `layer`, is stored as
+/// `blob` (the layer itself, or compressed) and declared with `media_type`.
+fn oci_archive_with_blob(layer: &[u8], blob: &[u8], media_type: &str) -> Vec<u8> {
     let diff_id = format!("sha256:{}", sha256_hex(layer));
     let config =
         format!(r#"{{"os":"linux","rootfs":{{"type":"layers","diff_ids":["{diff_id}"]}}}}"#);
-    let manifest = format!(
-        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{}","size":{}}},"layers":[{{"mediaType":"{media_type}","digest":"{diff_id}","size":{}}}]}}"#,
-        sha256_hex(config.as_bytes()),
-        config.len(),
-        layer.len()
-    );
-    let index = format!(
-        r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:{}","size":{},"annotations":{{"org.opencontainers.image.ref.name":"localhost/oci:latest"}}}}]}}"#,
-        sha256_hex(manifest.as_bytes()),
-        manifest.len()
-    );
-    let mut out = tar::Builder::new(Vec::new());
-    append_file(&mut out, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
-    append_file(&mut out, "index.json", index.as_bytes());
-    for blob in [config.as_bytes(), manifest.as_bytes(), layer] {
-        append_file(
-            &mut out,
-            &format!("blobs/sha256/{}", sha256_hex(blob)),
-            blob,
-        );
-    }
-    out.into_inner().unwrap()
-}
-
-/// Recompresses a layer with gzip and with zstd inside an OCI archive: the
-/// compressed digest is checked and the diff_id still matches.
-#[test]
-fn compressed_oci_layers_load() {
-    let store = Store::new();
-    let layer = layer_of(&[raw_entry(tar::EntryType::Regular, "f", "", b"compressed")]);
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all(&layer).unwrap();
-    let gz = gz.finish().unwrap();
-    let zst = zstd::encode_all(&layer[..], 3).unwrap();
-    for (blob, media_type) in [
-        (gz, "application/vnd.oci.image.layer.v1.tar+gzip"),
-        (zst, "application/vnd.oci.image.layer.v1.tar+zstd"),
-    ] {
-        let mut archive = oci_archive(&layer, media_type);
-        // oci_archive stores the plain layer: swap in the compressed blob.
-        archive = replace_layer_blob(&archive, &layer, &blob);
-        let path = store.scratch.path("compressed.tar");
-        fs::write(&path, &archive).unwrap();
-        let out = store.ok(&["image", "load", "-i", path.to_str().unwrap()]);
-        assert!(out.contains("Loaded image: localhost/oci:latest"), "{out}");
-    }
-    let dir = store.root().join("layers").join(sha256_hex(&layer));
-    assert_eq!(fs::read(dir.join("f")).unwrap(), b"compressed");
-}
-
-/// Rebuilds an oci_archive with `blob` in place of `layer`, descriptors fixed.
-fn replace_layer_blob(_archive: &[u8], layer: &[u8], blob: &[u8]) -> Vec<u8> {
-    let diff_id = format!("sha256:{}", sha256_hex(layer));
-    let config =
-        format!(r#"{{"os":"linux","rootfs":{{"type":"layers","diff_ids":["{diff_id}"]}}}}"#);
-    let media_type = if blob.starts_with(&[0x1f, 0x8b]) {
-        "application/vnd.oci.image.layer.v1.tar+gzip"
-    } else {
-        "application/vnd.oci.image.layer.v1.tar+zstd"
-    };
     let manifest = format!(
         r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{}","size":{}}},"layers":[{{"mediaType":"{media_type}","digest":"sha256:{}","size":{}}}]}}"#,
         sha256_hex(config.as_bytes()),
@@ -737,6 +683,30 @@ fn replace_layer_blob(_archive: &[u8], layer: &[u8], blob: &[u8]) -> Vec<u8> {
         append_file(&mut out, &format!("blobs/sha256/{}", sha256_hex(b)), b);
     }
     out.into_inner().unwrap()
+}
+
+/// Recompresses a layer with gzip and with zstd inside an OCI archive: the
+/// compressed digest is checked and the diff_id still matches.
+#[test]
+fn compressed_oci_layers_load() {
+    let store = Store::new();
+    let layer = layer_of(&[raw_entry(tar::EntryType::Regular, "f", "", b"compressed")]);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&layer).unwrap();
+    let gz = gz.finish().unwrap();
+    let zst = zstd::encode_all(&layer[..], 3).unwrap();
+    for (blob, media_type) in [
+        (gz, "application/vnd.oci.image.layer.v1.tar+gzip"),
+        (zst, "application/vnd.oci.image.layer.v1.tar+zstd"),
+    ] {
+        let archive = oci_archive_with_blob(&layer, &blob, media_type);
+        let path = store.scratch.path("compressed.tar");
+        fs::write(&path, &archive).unwrap();
+        let out = store.ok(&["image", "load", "-i", path.to_str().unwrap()]);
+        assert!(out.contains("Loaded image: localhost/oci:latest"), "{out}");
+    }
+    let dir = store.root().join("layers").join(sha256_hex(&layer));
+    assert_eq!(fs::read(dir.join("f")).unwrap(), b"compressed");
 }
 
 /// Index and layers agree: every listed layer is there, nothing else is.
