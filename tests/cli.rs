@@ -54,6 +54,20 @@ fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
+/// `unionfs mount` of `l`'s lower and upper with `work` as the work dir.
+fn mount_args_with_work<'a>(l: &'a Layout, work: &'a Path) -> [&'a str; 8] {
+    [
+        "mount",
+        "--lower",
+        p(&l.lower),
+        "--upper",
+        p(&l.upper),
+        "--work",
+        p(work),
+        p(&l.mnt),
+    ]
+}
+
 #[test]
 fn version_and_help() {
     let out = sh(Command::new(BIN).arg("--version"));
@@ -128,20 +142,7 @@ fn overlapping_paths_are_refused() {
         &l.mnt,
         "inside the mountpoint",
     );
-    refused(
-        &[
-            "mount",
-            "--lower",
-            p(&l.lower),
-            "--upper",
-            p(&l.upper),
-            "--work",
-            p(&inside_mnt),
-            mnt,
-        ],
-        &l.mnt,
-        "overlap",
-    );
+    refused(&mount_args_with_work(&l, &inside_mnt), &l.mnt, "overlap");
     let mnt_in_lower = l.lower.join("mnt");
     fs::create_dir(&mnt_in_lower).unwrap();
     refused(
@@ -164,30 +165,12 @@ fn overlapping_paths_are_refused() {
         "inside lower layer",
     );
     refused(
-        &[
-            "mount",
-            "--lower",
-            p(&l.lower),
-            "--upper",
-            p(&l.upper),
-            "--work",
-            p(&l.upper.join("w")),
-            mnt,
-        ],
+        &mount_args_with_work(&l, &l.upper.join("w")),
         &l.mnt,
         "overlap",
     );
     refused(
-        &[
-            "mount",
-            "--lower",
-            p(&l.lower),
-            "--upper",
-            p(&l.upper),
-            "--work",
-            p(&l.lower.join("w")),
-            mnt,
-        ],
+        &mount_args_with_work(&l, &l.lower.join("w")),
         &l.mnt,
         "overlap",
     );
@@ -223,16 +206,7 @@ fn unwritable_upper_and_foreign_work_dir_are_refused() {
         .arg(&tmpfs));
     let _tmpfs_guard = Unmounter(tmpfs.clone());
     refused(
-        &[
-            "mount",
-            "--lower",
-            p(&l.lower),
-            "--upper",
-            p(&l.upper),
-            "--work",
-            p(&tmpfs),
-            mnt,
-        ],
+        &mount_args_with_work(&l, &tmpfs),
         &l.mnt,
         "not on the same filesystem",
     );
