@@ -184,16 +184,8 @@ fn overlapping_paths_are_refused() {
 fn unwritable_upper_and_foreign_work_dir_are_refused() {
     let l = layout();
     let mnt = p(&l.mnt);
-    // A read-only bind mount: even root may not write there.
     let ro = l.s.mkdir("ro-upper");
-    sh(Command::new("mount")
-        .args(["--bind"])
-        .arg(&l.upper)
-        .arg(&ro));
-    let _ro_guard = Unmounter(ro.clone());
-    sh(Command::new("mount")
-        .args(["-o", "remount,bind,ro"])
-        .arg(&ro));
+    let _ro_guard = read_only_bind(&l.upper, &ro);
     refused(
         &["mount", "--lower", p(&l.lower), "--upper", p(&ro), mnt],
         &l.mnt,
@@ -210,6 +202,17 @@ fn unwritable_upper_and_foreign_work_dir_are_refused() {
         &l.mnt,
         "not on the same filesystem",
     );
+}
+
+/// Binds `source` at `target` read-only, where even root may not write,
+/// until the guard drops.
+fn read_only_bind(source: &Path, target: &Path) -> Unmounter {
+    sh(Command::new("mount").arg("--bind").arg(source).arg(target));
+    let guard = Unmounter(target.to_path_buf());
+    sh(Command::new("mount")
+        .args(["-o", "remount,bind,ro"])
+        .arg(target));
+    guard
 }
 
 struct Unmounter(PathBuf);
@@ -385,11 +388,7 @@ fn second_mount_of_the_same_upper_and_work_dir_is_refused() {
 fn detached_mount_reports_an_unwritable_log_file() {
     let l = layout();
     let ro = l.s.mkdir("ro-logs");
-    sh(Command::new("mount").arg("--bind").arg(&ro).arg(&ro));
-    let _ro_guard = Unmounter(ro.clone());
-    sh(Command::new("mount")
-        .args(["-o", "remount,bind,ro"])
-        .arg(&ro));
+    let _ro_guard = read_only_bind(&ro, &ro);
     let log = ro.join("unionfs.log");
     let stderr = refused(
         &[
