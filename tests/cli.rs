@@ -610,7 +610,15 @@ fn logs_carry_no_colour_codes_in_files_or_pipes() {
         assert!(fs::read(m.path("missing")).is_err());
         assert_eq!(fs::read_dir(&m.mountpoint).unwrap().count(), 1);
     };
-    let esc = |log: &[u8]| log.iter().filter(|b| **b == 0x1b).count();
+    let assert_debug_log_without_colour = |logged: &[u8]| {
+        assert!(
+            logged.len() > 100,
+            "a debug log: {}",
+            String::from_utf8_lossy(logged)
+        );
+        let escapes = logged.iter().filter(|b| **b == 0x1b).count();
+        assert_eq!(escapes, 0, "{}", String::from_utf8_lossy(logged));
+    };
 
     let log = l.s.path("unionfs.log");
     let m = UnionMount::mount(
@@ -621,13 +629,7 @@ fn logs_carry_no_colour_codes_in_files_or_pipes() {
     );
     busy_work(&m);
     drop(m);
-    let logged = fs::read(&log).unwrap();
-    assert!(
-        logged.len() > 100,
-        "a debug log: {}",
-        String::from_utf8_lossy(&logged)
-    );
-    assert_eq!(esc(&logged), 0, "{}", String::from_utf8_lossy(&logged));
+    assert_debug_log_without_colour(&fs::read(&log).unwrap());
 
     // A foreground daemon logging into a pipe.
     let upper = l.s.mkdir("upper-2");
@@ -651,13 +653,7 @@ fn logs_carry_no_colour_codes_in_files_or_pipes() {
     busy_work(&m);
     drop(m);
     wait_until(|| daemon.0.try_wait().unwrap().is_some());
-    let logged = reader.join().unwrap();
-    assert!(
-        logged.len() > 100,
-        "a debug log: {}",
-        String::from_utf8_lossy(&logged)
-    );
-    assert_eq!(esc(&logged), 0, "{}", String::from_utf8_lossy(&logged));
+    assert_debug_log_without_colour(&reader.join().unwrap());
 }
 
 fn sigkill(pid: i32) {
