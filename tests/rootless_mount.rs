@@ -324,6 +324,19 @@ fn mount_command(user: User, l: &Layout, runtime: Option<&Path>, extra: &[&str])
     cmd
 }
 
+/// `unionfs mount` as `user`, for a test that expects it to fail; should
+/// it mount after all, the guard returned takes it down.
+fn mount_expecting_failure(user: User, l: &Layout, extra: &[&str]) -> (Output, UserMount) {
+    let mut cmd = mount_command(user, l, None, extra);
+    let out = run_with_timeout(&mut cmd, TIMEOUT);
+    let guard = UserMount {
+        user,
+        mountpoint: l.mnt.clone(),
+        daemon: pid_in(&fallback_pid_dir(user), &l.mnt),
+    };
+    (out, guard)
+}
+
 impl Drop for UserMount {
     fn drop(&mut self) {
         if self.mounted() {
@@ -458,14 +471,7 @@ fn allow_other_without_user_allow_other_says_what_is_missing() {
     let l = layout(user);
     in_private_namespace(NO_USER_ALLOW_OTHER, move || {
         for option in ["allow_other", "allow_root"] {
-            let mut cmd = mount_command(user, &l, None, &["-o", option]);
-            let out = run_with_timeout(&mut cmd, TIMEOUT);
-            // Should it mount after all, the guard takes it down.
-            let _guard = UserMount {
-                user,
-                mountpoint: l.mnt.clone(),
-                daemon: pid_in(&fallback_pid_dir(user), &l.mnt),
-            };
+            let (out, _guard) = mount_expecting_failure(user, &l, &["-o", option]);
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert!(!out.status.success(), "{option}: mounted: {stderr}");
             assert_eq!(stderr.lines().count(), 1, "one message: {stderr:?}");
@@ -563,13 +569,7 @@ fn missing_fusermount3_is_named() {
                 }
             }
         }
-        let mut cmd = mount_command(user, &l, None, &[]);
-        let out = run_with_timeout(&mut cmd, TIMEOUT);
-        let _guard = UserMount {
-            user,
-            mountpoint: l.mnt.clone(),
-            daemon: pid_in(&fallback_pid_dir(user), &l.mnt),
-        };
+        let (out, _guard) = mount_expecting_failure(user, &l, &[]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "mounted: {stderr}");
         assert!(
