@@ -368,9 +368,12 @@ impl Drop for UserMount {
     }
 }
 
-/// Checks that nothing is left of a test's mount and daemon.
-fn assert_cleaned_up(mnt: &Path, daemon: Option<i32>) {
-    assert!(mount_here(mnt).is_none(), "{mnt:?} is still mounted");
+/// Drops `m`, and checks that nothing is left of its mount and daemon
+/// after what its guard did.
+fn drop_and_assert_cleaned_up(m: UserMount) {
+    let (mnt, daemon) = (m.mountpoint.clone(), m.daemon);
+    drop(m);
+    assert!(mount_here(&mnt).is_none(), "{mnt:?} is still mounted");
     if let Some(pid) = daemon {
         wait_until(|| process_gone(pid));
     }
@@ -438,9 +441,7 @@ fn umount_as_user(m: UserMount, runtime: Option<&Path>, pid_dir: &Path) {
         "umount returned before the daemon exited"
     );
     assert!(pid_in(pid_dir, &m.mountpoint).is_none(), "pid file left");
-    let mnt = m.mountpoint.clone();
-    drop(m);
-    assert_cleaned_up(&mnt, Some(daemon));
+    drop_and_assert_cleaned_up(m);
 }
 
 #[test]
@@ -511,9 +512,7 @@ fn sigterm_unmounts_a_fusermount3_mount() {
         );
         // One unmount, through fusermount3: nothing after it.
         assert!(!log_text.contains("Unmounting"), "{log_text}");
-        let mnt = m.mountpoint.clone();
-        drop(m);
-        assert_cleaned_up(&mnt, Some(daemon));
+        drop_and_assert_cleaned_up(m);
     });
 }
 
@@ -549,9 +548,7 @@ fn only_the_owner_unmounts_a_plain_users_mount() {
         assert!(!m.mounted());
         let daemon = m.daemon.unwrap();
         wait_until(|| process_gone(daemon));
-        let mnt = m.mountpoint.clone();
-        drop(m);
-        assert_cleaned_up(&mnt, Some(daemon));
+        drop_and_assert_cleaned_up(m);
     });
 }
 
