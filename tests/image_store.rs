@@ -265,6 +265,20 @@ fn assert_mounts_like_podman(store: &Store, image: &str, expected: &BTreeMap<Str
     );
 }
 
+/// The layer directories a store holding both podman-built images has:
+/// each diff_id's hex once, the shared base included, sorted.
+fn layer_dirs_of_both_images(fx: &Fixture) -> Vec<String> {
+    let mut all: Vec<String> = fx
+        .result_layers
+        .iter()
+        .chain(&fx.other_layers)
+        .map(|d| d[7..].to_string())
+        .collect();
+    all.sort();
+    all.dedup();
+    all
+}
+
 fn diff_ids(info: &serde_json::Value) -> Vec<String> {
     info["RootFS"]["Layers"]
         .as_array()
@@ -361,14 +375,7 @@ fn shared_layers_are_stored_once_and_outlive_one_image() {
         "{second}"
     );
     assert_eq!(second.matches("Already exists").count(), 1, "{second}");
-    let mut all: Vec<String> = fx
-        .result_layers
-        .iter()
-        .chain(&fx.other_layers)
-        .map(|d| d[7..].to_string())
-        .collect();
-    all.sort();
-    all.dedup();
+    let all = layer_dirs_of_both_images(fx);
     assert_eq!(store.layer_dirs(), all);
 
     // Loading the same archive again stores nothing new.
@@ -815,15 +822,7 @@ fn concurrent_loads_store_a_shared_layer_once() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let mut all: Vec<String> = fx
-        .result_layers
-        .iter()
-        .chain(&fx.other_layers)
-        .map(|d| d[7..].to_string())
-        .collect();
-    all.sort();
-    all.dedup();
-    assert_eq!(store.layer_dirs(), all);
+    assert_eq!(store.layer_dirs(), layer_dirs_of_both_images(fx));
     assert_consistent(&store);
     assert_eq!(store.tmp_entries(), 0);
 }
