@@ -282,17 +282,15 @@ fn sigkill_during_save_leaves_no_partial_archive() {
     let took = started.elapsed();
     for percent in [0u32, 5, 15, 30, 50, 70, 90, 98] {
         let target = out_dir.join(format!("killed-{percent}.tar"));
-        store.kill_after(
-            &[
-                "image",
-                "save",
-                "-q",
-                "saved",
-                "-o",
-                target.to_str().unwrap(),
-            ],
-            took * percent / 100,
-        );
+        let save = [
+            "image",
+            "save",
+            "-q",
+            "saved",
+            "-o",
+            target.to_str().unwrap(),
+        ];
+        store.kill_after(&save, took * percent / 100);
         if target.exists() {
             assert!(
                 fs::read(&target).unwrap() == reference,
@@ -300,14 +298,7 @@ fn sigkill_during_save_leaves_no_partial_archive() {
             );
         }
         // The next save to the same file removes the killed one's temp.
-        store.ok(&[
-            "image",
-            "save",
-            "-q",
-            "saved",
-            "-o",
-            target.to_str().unwrap(),
-        ]);
+        store.ok(&save);
         assert!(
             fs::read(&target).unwrap() == reference,
             "{percent}%: the save after the kill differs"
