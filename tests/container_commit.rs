@@ -125,9 +125,7 @@ fn fixture() -> &'static PathBuf {
 
 /// A store with the fixture image loaded.
 fn loaded_store() -> Store {
-    let store = Store::new();
-    store.ok(&["image", "load", "-q", "-i", fixture().to_str().unwrap()]);
-    store
+    Store::with_loaded(fixture())
 }
 
 impl Store {

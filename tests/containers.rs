@@ -67,15 +67,7 @@ fn fixture() -> &'static Fixture {
 
 /// A store with the fixture image loaded.
 fn loaded_store() -> Store {
-    let store = Store::new();
-    store.ok(&[
-        "image",
-        "load",
-        "-q",
-        "-i",
-        fixture().archive.to_str().unwrap(),
-    ]);
-    store
+    Store::with_loaded(&fixture().archive)
 }
 
 impl Store {

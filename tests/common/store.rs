@@ -19,6 +19,13 @@ impl ImageStore {
         }
     }
 
+    /// A new store with the images of `archive` loaded.
+    pub fn with_loaded(archive: &Path) -> ImageStore {
+        let store = ImageStore::new();
+        store.ok(&["image", "load", "-q", "-i", archive.to_str().unwrap()]);
+        store
+    }
+
     pub fn root(&self) -> PathBuf {
         self.scratch.path("store")
     }
