@@ -9,7 +9,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::podman::{Podman, RUN_LIMITS, tar_rootfs};
+use common::podman::{CONTAINER_INIT, Podman, RUN_LIMITS, install_busybox, tar_rootfs};
 use common::*;
 use unionfs::image::changes::{self, ChangeKind, Layers};
 
@@ -59,16 +59,12 @@ fn build_rootfs(dir: &Path) {
     ] {
         fs::create_dir_all(rootfs.join(d)).unwrap();
     }
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("busybox-static is not installed (scripts/test.sh installs it)");
-    fs::copy(busybox, rootfs.join("bin/busybox")).unwrap();
-    for applet in [
-        "sh", "ls", "cat", "echo", "mkdir", "rm", "chmod", "ln", "mv", "touch", "cp",
-    ] {
-        symlink("busybox", rootfs.join("bin").join(applet));
-    }
+    install_busybox(
+        &rootfs,
+        &[
+            "sh", "ls", "cat", "echo", "mkdir", "rm", "chmod", "ln", "mv", "touch", "cp",
+        ],
+    );
     for (file, content) in [
         ("data/a", "a"),
         ("data/b", "b"),
@@ -87,9 +83,6 @@ fn build_rootfs(dir: &Path) {
     }
     tar_rootfs(&rootfs, &dir.join("rootfs.tar"));
 }
-
-/// What libpod makes in each container before the command runs.
-const CONTAINER_INIT: &str = "mkdir -p /dev /proc /sys /run && echo h > /etc/hosts && echo h > /etc/hostname && echo > /run/.containerenv && ln -s /proc/mounts /etc/mtab";
 
 fn lines(changes: &[changes::Change]) -> Vec<String> {
     changes.iter().map(|c| c.to_string()).collect()

@@ -54,6 +54,20 @@ fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
+/// `unionfs mount` of `l`'s lower and upper with `work` as the work dir.
+fn mount_args_with_work<'a>(l: &'a Layout, work: &'a Path) -> [&'a str; 8] {
+    [
+        "mount",
+        "--lower",
+        p(&l.lower),
+        "--upper",
+        p(&l.upper),
+        "--work",
+        p(work),
+        p(&l.mnt),
+    ]
+}
+
 #[test]
 fn version_and_help() {
     let out = sh(Command::new(BIN).arg("--version"));
@@ -128,20 +142,7 @@ fn overlapping_paths_are_refused() {
         &l.mnt,
         "inside the mountpoint",
     );
-    refused(
-        &[
-            "mount",
-            "--lower",
-            p(&l.lower),
-            "--upper",
-            p(&l.upper),
-            "--work",
-            p(&inside_mnt),
-            mnt,
-        ],
-        &l.mnt,
-        "overlap",
-    );
+    refused(&mount_args_with_work(&l, &inside_mnt), &l.mnt, "overlap");
     let mnt_in_lower = l.lower.join("mnt");
     fs::create_dir(&mnt_in_lower).unwrap();
     refused(
@@ -164,30 +165,12 @@ fn overlapping_paths_are_refused() {
         "inside lower layer",
     );
     refused(
-        &[
-            "mount",
-            "--lower",
-            p(&l.lower),
-            "--upper",
-            p(&l.upper),
-            "--work",
-            p(&l.upper.join("w")),
-            mnt,
-        ],
+        &mount_args_with_work(&l, &l.upper.join("w")),
         &l.mnt,
         "overlap",
     );
     refused(
-        &[
-            "mount",
-            "--lower",
-            p(&l.lower),
-            "--upper",
-            p(&l.upper),
-            "--work",
-            p(&l.lower.join("w")),
-            mnt,
-        ],
+        &mount_args_with_work(&l, &l.lower.join("w")),
         &l.mnt,
         "overlap",
     );
@@ -201,16 +184,8 @@ fn overlapping_paths_are_refused() {
 fn unwritable_upper_and_foreign_work_dir_are_refused() {
     let l = layout();
     let mnt = p(&l.mnt);
-    // A read-only bind mount: even root may not write there.
     let ro = l.s.mkdir("ro-upper");
-    sh(Command::new("mount")
-        .args(["--bind"])
-        .arg(&l.upper)
-        .arg(&ro));
-    let _ro_guard = Unmounter(ro.clone());
-    sh(Command::new("mount")
-        .args(["-o", "remount,bind,ro"])
-        .arg(&ro));
+    let _ro_guard = read_only_bind(&l.upper, &ro);
     refused(
         &["mount", "--lower", p(&l.lower), "--upper", p(&ro), mnt],
         &l.mnt,
@@ -223,19 +198,21 @@ fn unwritable_upper_and_foreign_work_dir_are_refused() {
         .arg(&tmpfs));
     let _tmpfs_guard = Unmounter(tmpfs.clone());
     refused(
-        &[
-            "mount",
-            "--lower",
-            p(&l.lower),
-            "--upper",
-            p(&l.upper),
-            "--work",
-            p(&tmpfs),
-            mnt,
-        ],
+        &mount_args_with_work(&l, &tmpfs),
         &l.mnt,
         "not on the same filesystem",
     );
+}
+
+/// Binds `source` at `target` read-only, where even root may not write,
+/// until the guard drops.
+fn read_only_bind(source: &Path, target: &Path) -> Unmounter {
+    sh(Command::new("mount").arg("--bind").arg(source).arg(target));
+    let guard = Unmounter(target.to_path_buf());
+    sh(Command::new("mount")
+        .args(["-o", "remount,bind,ro"])
+        .arg(target));
+    guard
 }
 
 struct Unmounter(PathBuf);
@@ -411,11 +388,7 @@ fn second_mount_of_the_same_upper_and_work_dir_is_refused() {
 fn detached_mount_reports_an_unwritable_log_file() {
     let l = layout();
     let ro = l.s.mkdir("ro-logs");
-    sh(Command::new("mount").arg("--bind").arg(&ro).arg(&ro));
-    let _ro_guard = Unmounter(ro.clone());
-    sh(Command::new("mount")
-        .args(["-o", "remount,bind,ro"])
-        .arg(&ro));
+    let _ro_guard = read_only_bind(&ro, &ro);
     let log = ro.join("unionfs.log");
     let stderr = refused(
         &[
@@ -637,7 +610,15 @@ fn logs_carry_no_colour_codes_in_files_or_pipes() {
         assert!(fs::read(m.path("missing")).is_err());
         assert_eq!(fs::read_dir(&m.mountpoint).unwrap().count(), 1);
     };
-    let esc = |log: &[u8]| log.iter().filter(|b| **b == 0x1b).count();
+    let assert_debug_log_without_colour = |logged: &[u8]| {
+        assert!(
+            logged.len() > 100,
+            "a debug log: {}",
+            String::from_utf8_lossy(logged)
+        );
+        let escapes = logged.iter().filter(|b| **b == 0x1b).count();
+        assert_eq!(escapes, 0, "{}", String::from_utf8_lossy(logged));
+    };
 
     let log = l.s.path("unionfs.log");
     let m = UnionMount::mount(
@@ -648,13 +629,7 @@ fn logs_carry_no_colour_codes_in_files_or_pipes() {
     );
     busy_work(&m);
     drop(m);
-    let logged = fs::read(&log).unwrap();
-    assert!(
-        logged.len() > 100,
-        "a debug log: {}",
-        String::from_utf8_lossy(&logged)
-    );
-    assert_eq!(esc(&logged), 0, "{}", String::from_utf8_lossy(&logged));
+    assert_debug_log_without_colour(&fs::read(&log).unwrap());
 
     // A foreground daemon logging into a pipe.
     let upper = l.s.mkdir("upper-2");
@@ -678,13 +653,7 @@ fn logs_carry_no_colour_codes_in_files_or_pipes() {
     busy_work(&m);
     drop(m);
     wait_until(|| daemon.0.try_wait().unwrap().is_some());
-    let logged = reader.join().unwrap();
-    assert!(
-        logged.len() > 100,
-        "a debug log: {}",
-        String::from_utf8_lossy(&logged)
-    );
-    assert_eq!(esc(&logged), 0, "{}", String::from_utf8_lossy(&logged));
+    assert_debug_log_without_colour(&reader.join().unwrap());
 }
 
 fn sigkill(pid: i32) {

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -125,9 +125,7 @@ fn fixture() -> &'static PathBuf {
 
 /// A store with the fixture image loaded.
 fn loaded_store() -> Store {
-    let store = Store::new();
-    store.ok(&["image", "load", "-q", "-i", fixture().to_str().unwrap()]);
-    store
+    Store::with_loaded(fixture())
 }
 
 impl Store {
@@ -470,22 +468,7 @@ fn sigkill_during_commit_leaves_a_consistent_store() {
     // Very early (0), then spread over an uncrashed commit's time.
     for percent in [0u32, 3, 10, 25, 40, 55, 70, 85, 95] {
         let delay = took * percent / 100;
-        let mut child = Command::new(BIN)
-            .args(["container", "commit", "-q", "k", "crashed"])
-            .arg("--root")
-            .arg(store.root())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(delay);
-        // Our own child, by its PID.
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
-        child.wait().unwrap();
+        store.kill_after(&["container", "commit", "-q", "k", "crashed"], delay);
         // The next command cleans up and finds the store whole.
         let listed = store.ok(&["image", "ls"]);
         assert_eq!(store.count("tmp"), 0, "leftovers after {delay:?}");

@@ -10,7 +10,6 @@ use std::fs;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -68,15 +67,7 @@ fn fixture() -> &'static Fixture {
 
 /// A store with the fixture image loaded.
 fn loaded_store() -> Store {
-    let store = Store::new();
-    store.ok(&[
-        "image",
-        "load",
-        "-q",
-        "-i",
-        fixture().archive.to_str().unwrap(),
-    ]);
-    store
+    Store::with_loaded(&fixture().archive)
 }
 
 impl Store {
@@ -353,16 +344,7 @@ fn sigkill_during_create_or_rm_leaves_a_consistent_store() {
     for round in 0..12u64 {
         let name = format!("k{round}");
         let delay = Duration::from_micros(round * 1500);
-        let mut child = Command::new(BIN)
-            .args(["container", "create", "--name", &name, "app", "--root"])
-            .arg(store.root())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(delay);
-        let _ = child.kill();
-        let _ = child.wait();
+        store.kill_after(&["container", "create", "--name", &name, "app"], delay);
         store.assert_consistent();
         if !store.index_containers().contains(&name) {
             continue;
@@ -372,16 +354,7 @@ fn sigkill_during_create_or_rm_leaves_a_consistent_store() {
         for i in 0..200 {
             write(upper.join(format!("d{}/f{i}", i % 10)), b"x");
         }
-        let mut child = Command::new(BIN)
-            .args(["container", "rm", &name, "--root"])
-            .arg(store.root())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(delay);
-        let _ = child.kill();
-        let _ = child.wait();
+        store.kill_after(&["container", "rm", &name], delay);
         store.assert_consistent();
     }
     for name in store.index_containers() {

@@ -10,13 +10,13 @@ mod common;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
-use common::podman::{Podman, RUN_LIMITS, tar_rootfs};
+use common::podman::{Podman, RUN_LIMITS, install_busybox, tar_rootfs};
+use common::store::ImageStore as Store;
 use common::*;
 
 const CONTAINERFILE: &str = "FROM base
@@ -62,29 +62,25 @@ fn build_fixture() -> Fixture {
     for d in ["bin", "etc", "tmp", "data/sub"] {
         fs::create_dir_all(rootfs.join(d)).unwrap();
     }
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("busybox-static is not installed (scripts/test.sh installs it)");
-    fs::copy(busybox, rootfs.join("bin/busybox")).unwrap();
-    for applet in [
-        "sh",
-        "cat",
-        "echo",
-        "mkdir",
-        "rm",
-        "chmod",
-        "chown",
-        "ln",
-        "touch",
-        "find",
-        "sort",
-        "xargs",
-        "stat",
-        "sha256sum",
-    ] {
-        symlink("busybox", rootfs.join("bin").join(applet));
-    }
+    install_busybox(
+        &rootfs,
+        &[
+            "sh",
+            "cat",
+            "echo",
+            "mkdir",
+            "rm",
+            "chmod",
+            "chown",
+            "ln",
+            "touch",
+            "find",
+            "sort",
+            "xargs",
+            "stat",
+            "sha256sum",
+        ],
+    );
     for (path, content) in [
         ("data/a", &b"base\n"[..]),
         ("data/sub/b", b"base2\n"),
@@ -117,41 +113,10 @@ fn build_fixture() -> Fixture {
     }
 }
 
-struct StoreDir {
-    scratch: Scratch,
-}
-
-impl StoreDir {
-    fn new() -> StoreDir {
-        StoreDir {
-            scratch: Scratch::new(),
-        }
-    }
-
-    fn root(&self) -> PathBuf {
-        self.scratch.path("store")
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        run_with_timeout(
-            Command::new(BIN).args(args).arg("--root").arg(self.root()),
-            Duration::from_secs(120),
-        )
-    }
-
-    fn ok(&self, args: &[&str]) -> Vec<u8> {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "unionfs {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
-    }
-
+impl Store {
     /// A store with the podman-built image loaded.
-    fn loaded() -> StoreDir {
-        let store = StoreDir::new();
+    fn loaded() -> Store {
+        let store = Store::new();
         store.ok(&["image", "load", "-i", fixture().original.to_str().unwrap()]);
         store
     }
@@ -174,7 +139,7 @@ impl StoreDir {
 #[test]
 fn saved_archives_load_and_run_in_podman_like_the_original() {
     let fx = fixture();
-    let store = StoreDir::loaded();
+    let store = Store::loaded();
     let scratch = Scratch::new();
     let podman = Podman::new(scratch.dir.path().join("podman"));
     for format in ["docker-archive", "oci-archive"] {
@@ -196,12 +161,12 @@ fn saved_archives_load_and_run_in_podman_like_the_original() {
 
 #[test]
 fn saving_is_deterministic_and_stdout_matches_the_file() {
-    let store = StoreDir::loaded();
+    let store = Store::loaded();
     for format in ["docker-archive", "oci-archive"] {
         let first = fs::read(store.save(format, "one.tar")).unwrap();
         let second = fs::read(store.save(format, "two.tar")).unwrap();
         assert!(first == second, "{format}: two saves differ");
-        let piped = store.ok(&["image", "save", "localhost/saved", "--format", format]);
+        let piped = store.ok_bytes(&["image", "save", "localhost/saved", "--format", format]);
         assert!(piped == first, "{format}: stdout differs from -o");
     }
 }
@@ -209,22 +174,21 @@ fn saving_is_deterministic_and_stdout_matches_the_file() {
 #[test]
 fn saved_archives_load_back_into_unionfs_and_rm_removes_the_layer_tars() {
     let fx = fixture();
-    let store = StoreDir::loaded();
+    let store = Store::loaded();
     let tars = store.root().join("blobs/sha256");
     assert_eq!(fs::read_dir(&tars).unwrap().count(), fx.diff_ids.len());
     for format in ["docker-archive", "oci-archive"] {
         let archive = store.save(format, &format!("{format}.tar"));
-        let other = StoreDir::new();
+        let other = Store::new();
         let out = other.ok(&["image", "load", "-i", archive.to_str().unwrap()]);
-        assert!(String::from_utf8_lossy(&out).contains(IMAGE));
-        let info: serde_json::Value =
-            serde_json::from_slice(&other.ok(&["image", "inspect", "saved"])).unwrap();
+        assert!(out.contains(IMAGE));
+        let info = other.json(&["image", "inspect", "saved"]);
         assert_eq!(info[0]["Id"], fx.id.as_str());
         let layers: Vec<String> =
             serde_json::from_value(info[0]["RootFS"]["Layers"].clone()).unwrap();
         assert_eq!(layers, fx.diff_ids, "{format}");
     }
-    let df = String::from_utf8(store.ok(&["system", "df"])).unwrap();
+    let df = store.ok(&["system", "df"]);
     assert!(df.contains("Layer tars"), "{df}");
     store.ok(&["image", "rm", "saved"]);
     assert_eq!(fs::read_dir(&tars).unwrap().count(), 0);
@@ -236,7 +200,7 @@ fn saved_archives_load_back_into_unionfs_and_rm_removes_the_layer_tars() {
 
 #[test]
 fn save_errors_are_one_line() {
-    let store = StoreDir::loaded();
+    let store = Store::loaded();
     let target = store.scratch.path("x.tar");
     let out = store.run(&["image", "save", "nothing", "-o", target.to_str().unwrap()]);
     assert!(!out.status.success());
@@ -308,7 +272,7 @@ fn tree_digest(dir: &Path) -> String {
 
 #[test]
 fn sigkill_during_save_leaves_no_partial_archive() {
-    let store = StoreDir::loaded();
+    let store = Store::loaded();
     let out_dir = store.scratch.mkdir("out");
     let reference_path = store.save("docker-archive", "reference.tar");
     let reference = fs::read(&reference_path).unwrap();
@@ -318,23 +282,15 @@ fn sigkill_during_save_leaves_no_partial_archive() {
     let took = started.elapsed();
     for percent in [0u32, 5, 15, 30, 50, 70, 90, 98] {
         let target = out_dir.join(format!("killed-{percent}.tar"));
-        let mut child = Command::new(BIN)
-            .args(["image", "save", "-q", "saved", "-o"])
-            .arg(&target)
-            .arg("--root")
-            .arg(store.root())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(took * percent / 100);
-        // Our own child, by its PID.
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
-        child.wait().unwrap();
+        let save = [
+            "image",
+            "save",
+            "-q",
+            "saved",
+            "-o",
+            target.to_str().unwrap(),
+        ];
+        store.kill_after(&save, took * percent / 100);
         if target.exists() {
             assert!(
                 fs::read(&target).unwrap() == reference,
@@ -342,14 +298,7 @@ fn sigkill_during_save_leaves_no_partial_archive() {
             );
         }
         // The next save to the same file removes the killed one's temp.
-        store.ok(&[
-            "image",
-            "save",
-            "-q",
-            "saved",
-            "-o",
-            target.to_str().unwrap(),
-        ]);
+        store.ok(&save);
         assert!(
             fs::read(&target).unwrap() == reference,
             "{percent}%: the save after the kill differs"

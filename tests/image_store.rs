@@ -17,6 +17,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::podman::{Podman, install_busybox};
+use common::store::ImageStore as Store;
 use common::*;
 use sha2::{Digest as _, Sha256};
 
@@ -183,49 +184,9 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// A fresh store root inside a scratch dir.
-struct StoreDir {
-    scratch: Scratch,
-}
-
-impl StoreDir {
-    fn new() -> StoreDir {
-        StoreDir {
-            scratch: Scratch::new(),
-        }
-    }
-
-    fn root(&self) -> PathBuf {
-        self.scratch.path("store")
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(BIN);
-        cmd.args(args).arg("--root").arg(self.root());
-        cmd
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        run_with_timeout(&mut self.cmd(args), Duration::from_secs(120))
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "unionfs {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
+impl Store {
     fn load(&self, archive: &Path) -> String {
         self.ok(&["image", "load", "-i", archive.to_str().unwrap()])
-    }
-
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        serde_json::from_str(&self.ok(args)).unwrap()
     }
 
     /// Every path, type, mode, size and content under the store, except
@@ -268,12 +229,12 @@ impl StoreDir {
     }
 }
 
-fn inspect(store: &StoreDir, image: &str) -> serde_json::Value {
+fn inspect(store: &Store, image: &str) -> serde_json::Value {
     store.json(&["image", "inspect", image])[0].clone()
 }
 
 /// Mounts the image's layers with unionfs and compares the tree with podman's.
-fn assert_mounts_like_podman(store: &StoreDir, image: &str, expected: &BTreeMap<String, String>) {
+fn assert_mounts_like_podman(store: &Store, image: &str, expected: &BTreeMap<String, String>) {
     let info = inspect(store, image);
     let lowers: Vec<PathBuf> = info["LayerDirs"]
         .as_array()
@@ -304,6 +265,20 @@ fn assert_mounts_like_podman(store: &StoreDir, image: &str, expected: &BTreeMap<
     );
 }
 
+/// The layer directories a store holding both podman-built images has:
+/// each diff_id's hex once, the shared base included, sorted.
+fn layer_dirs_of_both_images(fx: &Fixture) -> Vec<String> {
+    let mut all: Vec<String> = fx
+        .result_layers
+        .iter()
+        .chain(&fx.other_layers)
+        .map(|d| d[7..].to_string())
+        .collect();
+    all.sort();
+    all.dedup();
+    all
+}
+
 fn diff_ids(info: &serde_json::Value) -> Vec<String> {
     info["RootFS"]["Layers"]
         .as_array()
@@ -316,7 +291,7 @@ fn diff_ids(info: &serde_json::Value) -> Vec<String> {
 #[test]
 fn docker_archive_loads_like_podman_has_it() {
     let fx = fixture();
-    let store = StoreDir::new();
+    let store = Store::new();
     let out = store.load(&fx.result_docker);
     assert!(
         out.contains("Loaded image: localhost/result:latest"),
@@ -377,7 +352,7 @@ fn docker_archive_loads_like_podman_has_it() {
 #[test]
 fn oci_archive_loads_like_podman_has_it() {
     let fx = fixture();
-    let store = StoreDir::new();
+    let store = Store::new();
     store.load(&fx.result_oci);
     let listed = store.json(&["image", "ls", "--format", "json"]);
     let id = listed[0]["Id"].as_str().unwrap().to_string();
@@ -389,7 +364,7 @@ fn oci_archive_loads_like_podman_has_it() {
 #[test]
 fn shared_layers_are_stored_once_and_outlive_one_image() {
     let fx = fixture();
-    let store = StoreDir::new();
+    let store = Store::new();
     let first = store.load(&fx.result_docker);
     assert!(!first.contains("Already exists"), "{first}");
     let second = store.load(&fx.other_docker);
@@ -400,14 +375,7 @@ fn shared_layers_are_stored_once_and_outlive_one_image() {
         "{second}"
     );
     assert_eq!(second.matches("Already exists").count(), 1, "{second}");
-    let mut all: Vec<String> = fx
-        .result_layers
-        .iter()
-        .chain(&fx.other_layers)
-        .map(|d| d[7..].to_string())
-        .collect();
-    all.sort();
-    all.dedup();
+    let all = layer_dirs_of_both_images(fx);
     assert_eq!(store.layer_dirs(), all);
 
     // Loading the same archive again stores nothing new.
@@ -512,7 +480,7 @@ fn layer_of(entries: &[(tar::Header, Vec<u8>)]) -> Vec<u8> {
     builder.into_inner().unwrap()
 }
 
-fn expect_refused(store: &StoreDir, archive: &[u8], what: &str, expected_msg: &str) {
+fn expect_refused(store: &Store, archive: &[u8], what: &str, expected_msg: &str) {
     let before = store.digest();
     let path = store.scratch.path(&format!("{what}.tar"));
     fs::write(&path, archive).unwrap();
@@ -533,7 +501,7 @@ fn expect_refused(store: &StoreDir, archive: &[u8], what: &str, expected_msg: &s
 #[test]
 fn hostile_archives_are_refused_and_change_nothing() {
     use tar::EntryType::{Directory, Link, Regular, Symlink};
-    let store = StoreDir::new();
+    let store = Store::new();
     // A good image first, so that "unchanged" covers a populated store.
     let good = layer_of(&[
         raw_entry(Directory, "ok/", "", b""),
@@ -694,69 +662,15 @@ fn hostile_archives_are_refused_and_change_nothing() {
 
 /// An oci-archive with one image of one layer, declared with `media_type`.
 fn oci_archive(layer: &[u8], media_type: &str) -> Vec<u8> {
+    oci_archive_with_blob(layer, layer, media_type)
+}
+
+/// An oci-archive with one image whose one layer, `layer`, is stored as
+/// `blob` (the layer itself, or compressed) and declared with `media_type`.
+fn oci_archive_with_blob(layer: &[u8], blob: &[u8], media_type: &str) -> Vec<u8> {
     let diff_id = format!("sha256:{}", sha256_hex(layer));
     let config =
         format!(r#"{{"os":"linux","rootfs":{{"type":"layers","diff_ids":["{diff_id}"]}}}}"#);
-    let manifest = format!(
-        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{}","size":{}}},"layers":[{{"mediaType":"{media_type}","digest":"{diff_id}","size":{}}}]}}"#,
-        sha256_hex(config.as_bytes()),
-        config.len(),
-        layer.len()
-    );
-    let index = format!(
-        r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:{}","size":{},"annotations":{{"org.opencontainers.image.ref.name":"localhost/oci:latest"}}}}]}}"#,
-        sha256_hex(manifest.as_bytes()),
-        manifest.len()
-    );
-    let mut out = tar::Builder::new(Vec::new());
-    append_file(&mut out, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
-    append_file(&mut out, "index.json", index.as_bytes());
-    for blob in [config.as_bytes(), manifest.as_bytes(), layer] {
-        append_file(
-            &mut out,
-            &format!("blobs/sha256/{}", sha256_hex(blob)),
-            blob,
-        );
-    }
-    out.into_inner().unwrap()
-}
-
-/// Recompresses a layer with gzip and with zstd inside an OCI archive: the
-/// compressed digest is checked and the diff_id still matches.
-#[test]
-fn compressed_oci_layers_load() {
-    let store = StoreDir::new();
-    let layer = layer_of(&[raw_entry(tar::EntryType::Regular, "f", "", b"compressed")]);
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all(&layer).unwrap();
-    let gz = gz.finish().unwrap();
-    let zst = zstd::encode_all(&layer[..], 3).unwrap();
-    for (blob, media_type) in [
-        (gz, "application/vnd.oci.image.layer.v1.tar+gzip"),
-        (zst, "application/vnd.oci.image.layer.v1.tar+zstd"),
-    ] {
-        let mut archive = oci_archive(&layer, media_type);
-        // oci_archive stores the plain layer: swap in the compressed blob.
-        archive = replace_layer_blob(&archive, &layer, &blob);
-        let path = store.scratch.path("compressed.tar");
-        fs::write(&path, &archive).unwrap();
-        let out = store.ok(&["image", "load", "-i", path.to_str().unwrap()]);
-        assert!(out.contains("Loaded image: localhost/oci:latest"), "{out}");
-    }
-    let dir = store.root().join("layers").join(sha256_hex(&layer));
-    assert_eq!(fs::read(dir.join("f")).unwrap(), b"compressed");
-}
-
-/// Rebuilds an oci_archive with `blob` in place of `layer`, descriptors fixed.
-fn replace_layer_blob(_archive: &[u8], layer: &[u8], blob: &[u8]) -> Vec<u8> {
-    let diff_id = format!("sha256:{}", sha256_hex(layer));
-    let config =
-        format!(r#"{{"os":"linux","rootfs":{{"type":"layers","diff_ids":["{diff_id}"]}}}}"#);
-    let media_type = if blob.starts_with(&[0x1f, 0x8b]) {
-        "application/vnd.oci.image.layer.v1.tar+gzip"
-    } else {
-        "application/vnd.oci.image.layer.v1.tar+zstd"
-    };
     let manifest = format!(
         r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{}","size":{}}},"layers":[{{"mediaType":"{media_type}","digest":"sha256:{}","size":{}}}]}}"#,
         sha256_hex(config.as_bytes()),
@@ -778,8 +692,32 @@ fn replace_layer_blob(_archive: &[u8], layer: &[u8], blob: &[u8]) -> Vec<u8> {
     out.into_inner().unwrap()
 }
 
+/// Recompresses a layer with gzip and with zstd inside an OCI archive: the
+/// compressed digest is checked and the diff_id still matches.
+#[test]
+fn compressed_oci_layers_load() {
+    let store = Store::new();
+    let layer = layer_of(&[raw_entry(tar::EntryType::Regular, "f", "", b"compressed")]);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&layer).unwrap();
+    let gz = gz.finish().unwrap();
+    let zst = zstd::encode_all(&layer[..], 3).unwrap();
+    for (blob, media_type) in [
+        (gz, "application/vnd.oci.image.layer.v1.tar+gzip"),
+        (zst, "application/vnd.oci.image.layer.v1.tar+zstd"),
+    ] {
+        let archive = oci_archive_with_blob(&layer, &blob, media_type);
+        let path = store.scratch.path("compressed.tar");
+        fs::write(&path, &archive).unwrap();
+        let out = store.ok(&["image", "load", "-i", path.to_str().unwrap()]);
+        assert!(out.contains("Loaded image: localhost/oci:latest"), "{out}");
+    }
+    let dir = store.root().join("layers").join(sha256_hex(&layer));
+    assert_eq!(fs::read(dir.join("f")).unwrap(), b"compressed");
+}
+
 /// Index and layers agree: every listed layer is there, nothing else is.
-fn assert_consistent(store: &StoreDir) {
+fn assert_consistent(store: &Store) {
     let index: serde_json::Value = match fs::read(store.root().join("index.json")) {
         Ok(bytes) => serde_json::from_slice(&bytes).unwrap(),
         Err(_) => serde_json::json!({"images": {}, "layers": {}}),
@@ -802,7 +740,7 @@ fn assert_consistent(store: &StoreDir) {
 #[test]
 fn sigkill_during_load_leaves_a_consistent_store() {
     let fx = fixture();
-    let store = StoreDir::new();
+    let store = Store::new();
     store.load(&fx.other_docker);
     let archive = fs::read(&fx.result_docker).unwrap();
     // Killed while reading the archive (half of it written to its stdin),
@@ -864,7 +802,7 @@ fn sigkill_during_load_leaves_a_consistent_store() {
 #[test]
 fn concurrent_loads_store_a_shared_layer_once() {
     let fx = fixture();
-    let store = StoreDir::new();
+    let store = Store::new();
     let children: Vec<_> = [&fx.result_docker, &fx.other_docker, &fx.result_oci]
         .into_iter()
         .map(|archive| {
@@ -884,15 +822,7 @@ fn concurrent_loads_store_a_shared_layer_once() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let mut all: Vec<String> = fx
-        .result_layers
-        .iter()
-        .chain(&fx.other_layers)
-        .map(|d| d[7..].to_string())
-        .collect();
-    all.sort();
-    all.dedup();
-    assert_eq!(store.layer_dirs(), all);
+    assert_eq!(store.layer_dirs(), layer_dirs_of_both_images(fx));
     assert_consistent(&store);
     assert_eq!(store.tmp_entries(), 0);
 }
@@ -911,7 +841,7 @@ fn wait_output(mut child: std::process::Child, timeout: Duration) -> Output {
 
 #[test]
 fn errors_are_one_line() {
-    let store = StoreDir::new();
+    let store = Store::new();
     let out = store.run(&["image", "rm", "nothing"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -925,7 +855,7 @@ fn errors_are_one_line() {
 
 #[test]
 fn piped_and_quiet_loads_show_no_progress() {
-    let store = StoreDir::new();
+    let store = Store::new();
     let layer = layer_of(&[raw_entry(tar::EntryType::Regular, "f", "", b"x")]);
     let path = store.scratch.path("one.tar");
     fs::write(&path, docker_archive(&layer, None)).unwrap();
@@ -969,7 +899,7 @@ fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {
 #[test]
 fn metadata_survives_unpacking() {
     use tar::EntryType::{Block, Char, Directory, Fifo, Link, Regular, Symlink, XHeader};
-    let store = StoreDir::new();
+    let store = Store::new();
     // security.capability v2: cap_net_bind_service (bit 10) permitted+effective.
     let mut cap = vec![0u8; 20];
     cap[0..4].copy_from_slice(&0x0200_0001u32.to_le_bytes());

@@ -9,7 +9,9 @@ use std::io::Read;
 use std::path::Path;
 use std::process::Command;
 
-use common::podman::{Podman, RUN_LIMITS, tar_rootfs, tar_xattrs, without_container_files};
+use common::podman::{
+    LISTING, Podman, RUN_LIMITS, install_busybox, tar_rootfs, tar_xattrs, without_container_files,
+};
 use common::*;
 use unionfs::image::changes::Layers;
 use unionfs::image::layer_tar::write_layer_tar;
@@ -235,26 +237,12 @@ fn the_same_upper_gives_the_same_bytes() {
     assert!(first == second);
 }
 
-/// Every object of the tree with its type, mode, owner, size, and for
-/// files their link count, mtime and checksum (busybox, run inside).
-const LISTING: &str = r#"busybox find / -xdev | busybox sort | while read f; do
-  extra=
-  if [ -L "$f" ]; then extra=$(busybox readlink "$f");
-  elif [ -f "$f" ]; then extra="$(busybox stat -c '%s %h %Y' "$f") $(busybox md5sum < "$f")"; fi
-  echo "$(busybox stat -c '%n %F %a %u %g' "$f") $extra"
-done"#;
-
 fn rootfs_tar(dir: &Path) {
     let rootfs = dir.join("rootfs");
     for d in ["bin", "etc", "data/sub", "data/mv/in", "data/rep/old"] {
         fs::create_dir_all(rootfs.join(d)).unwrap();
     }
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("busybox-static is not installed (scripts/test.sh installs it)");
-    fs::copy(busybox, rootfs.join("bin/busybox")).unwrap();
-    symlink("busybox", rootfs.join("bin/sh"));
+    install_busybox(&rootfs, &["sh"]);
     for (file, content) in [
         ("data/a", "a"),
         ("data/gone", "g"),

@@ -8,10 +8,10 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
+use common::podman::{Podman, install_busybox};
 use common::*;
 
 const CONTAINERFILE: &str = "FROM base
@@ -22,117 +22,52 @@ RUN mv /data/new /data/moved && touch /data/moved/g && chmod 4755 /data/moved/g
 RUN mv /data/keep /data/kept && ln -s kept /data/link
 ";
 
-struct Podman {
-    root: PathBuf,
-    /// podman wants its runroot path short (under 50 characters).
-    runroot: tempfile::TempDir,
-    mount_program: Option<&'static str>,
-}
+/// Everything the scenario observes of one storage driver.
+fn scenario(podman: &Podman, dir: &Path, export_to: &Path) -> (String, String, BTreeSet<String>) {
+    let limits = common::podman::RUN_LIMITS;
+    podman.ok_raw(&["import", "rootfs.tar", "base"], dir);
+    let mut build = vec!["build"];
+    build.extend(limits);
+    build.extend(["-t", "result", "-f", "Containerfile", "."]);
+    podman.ok_raw(&build, dir);
+    let history = podman.ok_raw(
+        &["image", "history", "--format", "{{.CreatedBy}}", "result"],
+        dir,
+    );
 
-impl Podman {
-    fn cmd(&self) -> Command {
-        let mut cmd = Command::new("podman");
-        cmd.arg("--root")
-            .arg(self.root.join("root"))
-            .arg("--runroot")
-            .arg(self.runroot.path())
-            .args([
-                "--storage-driver",
-                "overlay",
-                "--runtime",
-                "runc",
-                "--cgroup-manager",
-                "cgroupfs",
-            ])
-            .args(["--events-backend", "file"]);
-        if let Some(program) = self.mount_program {
-            cmd.args(["--storage-opt", &format!("overlay.mount_program={program}")]);
-        }
-        cmd
-    }
+    let mut run = vec!["run", "--rm"];
+    run.extend(limits);
+    run.extend(["result", "/bin/sh", "-c", "cat /data/a /data/hard /data/sub/c /data/link; busybox stat -c '%n %A %s %u' /data/* /data/sub/*"]);
+    let output = podman.ok_raw(&run, dir);
 
-    fn ok(&self, args: &[&str], dir: &Path) -> String {
-        let out = run_with_timeout(
-            self.cmd().args(args).current_dir(dir),
-            Duration::from_secs(300),
-        );
-        assert!(
-            out.status.success(),
-            "podman {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
+    let mut changed = vec!["run", "--name", "changed"];
+    changed.extend(limits);
+    changed.extend([
+        "result",
+        "/bin/sh",
+        "-c",
+        "echo x > /data/y && rm /data/a && rm -r /data/moved",
+    ]);
+    podman.ok_raw(&changed, dir);
+    let diff: BTreeSet<String> = podman
+        .ok_raw(&["diff", "changed"], dir)
+        .lines()
+        .map(str::to_string)
+        .collect();
 
-    /// Everything the scenario observes of one storage driver.
-    fn scenario(&self, dir: &Path, export_to: &Path) -> (String, String, BTreeSet<String>) {
-        let limits = common::podman::RUN_LIMITS;
-        self.ok(&["import", "rootfs.tar", "base"], dir);
-        let mut build = vec!["build"];
-        build.extend(limits);
-        build.extend(["-t", "result", "-f", "Containerfile", "."]);
-        self.ok(&build, dir);
-        let history = self.ok(
-            &["image", "history", "--format", "{{.CreatedBy}}", "result"],
-            dir,
-        );
-
-        let mut run = vec!["run", "--rm"];
-        run.extend(limits);
-        run.extend(["result", "/bin/sh", "-c", "cat /data/a /data/hard /data/sub/c /data/link; busybox stat -c '%n %A %s %u' /data/* /data/sub/*"]);
-        let output = self.ok(&run, dir);
-
-        let mut changed = vec!["run", "--name", "changed"];
-        changed.extend(limits);
-        changed.extend([
-            "result",
-            "/bin/sh",
-            "-c",
-            "echo x > /data/y && rm /data/a && rm -r /data/moved",
-        ]);
-        self.ok(&changed, dir);
-        let diff: BTreeSet<String> = self
-            .ok(&["diff", "changed"], dir)
-            .lines()
-            .map(str::to_string)
-            .collect();
-
-        self.ok(&["create", "--name", "exported", "result", "/bin/sh"], dir);
-        let tar = dir.join(format!(
-            "{}.tar",
-            export_to.file_name().unwrap().to_string_lossy()
-        ));
-        self.ok(&["export", "-o", tar.to_str().unwrap(), "exported"], dir);
-        fs::create_dir_all(export_to).unwrap();
-        sh(Command::new("tar")
-            .arg("-C")
-            .arg(export_to)
-            .arg("-xf")
-            .arg(&tar));
-        (history, output, diff)
-    }
-}
-
-impl Drop for Podman {
-    fn drop(&mut self) {
-        let _ = run(self.cmd().args(["rm", "-af"]));
-        let _ = run(self.cmd().args(["system", "reset", "-f"]));
-        // Whatever podman left mounted under its root goes too.
-        for root in [self.root.clone(), self.runroot.path().to_path_buf()] {
-            let mounts = unionfs::mountinfo::read().unwrap_or_default();
-            for m in mounts.iter().filter(|m| m.mount_point.starts_with(&root)) {
-                let _ = nix::mount::umount2(&m.mount_point, nix::mount::MntFlags::MNT_DETACH);
-            }
-        }
-    }
-}
-
-fn short_runroot() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("ufs-pod")
-        .tempdir_in("/run")
-        .unwrap()
+    podman.ok_raw(&["create", "--name", "exported", "result", "/bin/sh"], dir);
+    let tar = dir.join(format!(
+        "{}.tar",
+        export_to.file_name().unwrap().to_string_lossy()
+    ));
+    podman.ok_raw(&["export", "-o", tar.to_str().unwrap(), "exported"], dir);
+    fs::create_dir_all(export_to).unwrap();
+    sh(Command::new("tar")
+        .arg("-C")
+        .arg(export_to)
+        .arg("-xf")
+        .arg(&tar));
+    (history, output, diff)
 }
 
 fn build_rootfs(dir: &Path) {
@@ -140,16 +75,12 @@ fn build_rootfs(dir: &Path) {
     for d in ["bin", "etc", "tmp", "data/sub"] {
         fs::create_dir_all(rootfs.join(d)).unwrap();
     }
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("busybox-static is not installed (scripts/test.sh installs it)");
-    fs::copy(busybox, rootfs.join("bin/busybox")).unwrap();
-    for applet in [
-        "sh", "ls", "cat", "echo", "mkdir", "rm", "chmod", "ln", "mv", "touch", "cp",
-    ] {
-        symlink("busybox", rootfs.join("bin").join(applet));
-    }
+    install_busybox(
+        &rootfs,
+        &[
+            "sh", "ls", "cat", "echo", "mkdir", "rm", "chmod", "ln", "mv", "touch", "cp",
+        ],
+    );
     write(rootfs.join("data/a"), b"base\n");
     write(rootfs.join("data/sub/b"), b"base2\n");
     write(rootfs.join("data/gone"), b"gone\n");
@@ -192,19 +123,11 @@ fn podman_builds_the_same_image_on_unionfs_as_on_native_overlay() {
     let s = Scratch::new();
     let dir = s.dir.path().to_path_buf();
     build_rootfs(&dir);
-    let ours = Podman {
-        root: s.mkdir("storage-unionfs"),
-        runroot: short_runroot(),
-        mount_program: Some(BIN),
-    };
-    let native = Podman {
-        root: s.mkdir("storage-native"),
-        runroot: short_runroot(),
-        mount_program: None,
-    };
-    let (our_history, our_output, our_diff) = ours.scenario(&dir, &dir.join("export-unionfs"));
+    let ours = Podman::with_mount_program(s.mkdir("storage-unionfs"), BIN);
+    let native = Podman::new(s.mkdir("storage-native"));
+    let (our_history, our_output, our_diff) = scenario(&ours, &dir, &dir.join("export-unionfs"));
     let (native_history, native_output, native_diff) =
-        native.scenario(&dir, &dir.join("export-native"));
+        scenario(&native, &dir, &dir.join("export-native"));
 
     assert_eq!(our_history, native_history, "podman image history");
     // (A directory's link count may differ: with a mount program podman

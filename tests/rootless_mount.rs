@@ -324,6 +324,19 @@ fn mount_command(user: User, l: &Layout, runtime: Option<&Path>, extra: &[&str])
     cmd
 }
 
+/// `unionfs mount` as `user`, for a test that expects it to fail; should
+/// it mount after all, the guard returned takes it down.
+fn mount_expecting_failure(user: User, l: &Layout, extra: &[&str]) -> (Output, UserMount) {
+    let mut cmd = mount_command(user, l, None, extra);
+    let out = run_with_timeout(&mut cmd, TIMEOUT);
+    let guard = UserMount {
+        user,
+        mountpoint: l.mnt.clone(),
+        daemon: pid_in(&fallback_pid_dir(user), &l.mnt),
+    };
+    (out, guard)
+}
+
 impl Drop for UserMount {
     fn drop(&mut self) {
         if self.mounted() {
@@ -355,9 +368,12 @@ impl Drop for UserMount {
     }
 }
 
-/// Checks that nothing is left of a test's mount and daemon.
-fn assert_cleaned_up(mnt: &Path, daemon: Option<i32>) {
-    assert!(mount_here(mnt).is_none(), "{mnt:?} is still mounted");
+/// Drops `m`, and checks that nothing is left of its mount and daemon
+/// after what its guard did.
+fn drop_and_assert_cleaned_up(m: UserMount) {
+    let (mnt, daemon) = (m.mountpoint.clone(), m.daemon);
+    drop(m);
+    assert!(mount_here(&mnt).is_none(), "{mnt:?} is still mounted");
     if let Some(pid) = daemon {
         wait_until(|| process_gone(pid));
     }
@@ -425,9 +441,7 @@ fn umount_as_user(m: UserMount, runtime: Option<&Path>, pid_dir: &Path) {
         "umount returned before the daemon exited"
     );
     assert!(pid_in(pid_dir, &m.mountpoint).is_none(), "pid file left");
-    let mnt = m.mountpoint.clone();
-    drop(m);
-    assert_cleaned_up(&mnt, Some(daemon));
+    drop_and_assert_cleaned_up(m);
 }
 
 #[test]
@@ -458,14 +472,7 @@ fn allow_other_without_user_allow_other_says_what_is_missing() {
     let l = layout(user);
     in_private_namespace(NO_USER_ALLOW_OTHER, move || {
         for option in ["allow_other", "allow_root"] {
-            let mut cmd = mount_command(user, &l, None, &["-o", option]);
-            let out = run_with_timeout(&mut cmd, TIMEOUT);
-            // Should it mount after all, the guard takes it down.
-            let _guard = UserMount {
-                user,
-                mountpoint: l.mnt.clone(),
-                daemon: pid_in(&fallback_pid_dir(user), &l.mnt),
-            };
+            let (out, _guard) = mount_expecting_failure(user, &l, &["-o", option]);
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert!(!out.status.success(), "{option}: mounted: {stderr}");
             assert_eq!(stderr.lines().count(), 1, "one message: {stderr:?}");
@@ -505,9 +512,7 @@ fn sigterm_unmounts_a_fusermount3_mount() {
         );
         // One unmount, through fusermount3: nothing after it.
         assert!(!log_text.contains("Unmounting"), "{log_text}");
-        let mnt = m.mountpoint.clone();
-        drop(m);
-        assert_cleaned_up(&mnt, Some(daemon));
+        drop_and_assert_cleaned_up(m);
     });
 }
 
@@ -543,9 +548,7 @@ fn only_the_owner_unmounts_a_plain_users_mount() {
         assert!(!m.mounted());
         let daemon = m.daemon.unwrap();
         wait_until(|| process_gone(daemon));
-        let mnt = m.mountpoint.clone();
-        drop(m);
-        assert_cleaned_up(&mnt, Some(daemon));
+        drop_and_assert_cleaned_up(m);
     });
 }
 
@@ -563,13 +566,7 @@ fn missing_fusermount3_is_named() {
                 }
             }
         }
-        let mut cmd = mount_command(user, &l, None, &[]);
-        let out = run_with_timeout(&mut cmd, TIMEOUT);
-        let _guard = UserMount {
-            user,
-            mountpoint: l.mnt.clone(),
-            daemon: pid_in(&fallback_pid_dir(user), &l.mnt),
-        };
+        let (out, _guard) = mount_expecting_failure(user, &l, &[]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "mounted: {stderr}");
         assert!(

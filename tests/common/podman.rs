@@ -10,11 +10,15 @@ use super::{run, run_with_timeout};
 
 pub struct Podman {
     pub root: PathBuf,
+    /// Under /run: podman wants its runroot path short (under 50
+    /// characters).
     pub runroot: tempfile::TempDir,
+    /// The overlay driver's `mount_program`; none for native overlay.
+    pub mount_program: Option<String>,
 }
 
 impl Podman {
-    /// A podman whose storage is `root`; its runroot is under /run.
+    /// A podman whose storage is `root`, on native overlay.
     pub fn new(root: PathBuf) -> Podman {
         Podman {
             root,
@@ -22,7 +26,15 @@ impl Podman {
                 .prefix("ufs-img")
                 .tempdir_in("/run")
                 .unwrap(),
+            mount_program: None,
         }
+    }
+
+    /// A podman whose overlay driver mounts its layers with `program`.
+    pub fn with_mount_program(root: PathBuf, program: &str) -> Podman {
+        let mut podman = Podman::new(root);
+        podman.mount_program = Some(program.to_string());
+        podman
     }
 
     pub fn cmd(&self) -> Command {
@@ -33,6 +45,9 @@ impl Podman {
             .arg(self.runroot.path())
             .args(["--storage-driver", "overlay", "--runtime", "runc"])
             .args(["--cgroup-manager", "cgroupfs", "--events-backend", "file"]);
+        if let Some(program) = &self.mount_program {
+            cmd.args(["--storage-opt", &format!("overlay.mount_program={program}")]);
+        }
         cmd
     }
 
