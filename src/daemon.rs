@@ -5,6 +5,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{IsTerminal, Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -117,6 +118,46 @@ impl ReadyPipe {
             None => false,
         }
     }
+}
+
+/// The glibc tunable of the per-thread cache of freed blocks.
+const MALLOC_THREAD_CACHE: &str = "glibc.malloc.tcache_count";
+/// Set in the environment of the program run again, so that it is run
+/// again once only: glibc 2.36 rewrites GLIBC_TUNABLES as it reads it, and
+/// may show less than it was given.
+pub const RESTARTED_FOR_MALLOC: &str = "UNIONFS_RESTARTED_FOR_MALLOC";
+
+/// Runs this program again with glibc's per-thread cache of freed blocks
+/// turned off, unless GLIBC_TUNABLES already sets it (then, or if the exec
+/// fails, it returns and the mount goes on as it is). That cache keeps up to
+/// seven freed blocks of each small size per thread, scattered over the
+/// heap where malloc_trim cannot hand their pages back: after the kernel
+/// forgot a 20k-file walk's nodes they kept an idle daemon at 4.7 MiB RSS
+/// instead of 3.4 (walk time unchanged). The cache can only be turned off
+/// before a process starts, by the tunable. The pid stays the same.
+pub fn restart_without_malloc_thread_cache() {
+    let tunables = std::env::var_os("GLIBC_TUNABLES").unwrap_or_default();
+    if std::env::var_os(RESTARTED_FOR_MALLOC).is_some()
+        || tunables.to_string_lossy().contains(MALLOC_THREAD_CACHE)
+    {
+        return;
+    }
+    let mut with_cache_off = tunables;
+    if !with_cache_off.is_empty() {
+        with_cache_off.push(":");
+    }
+    with_cache_off.push(format!("{MALLOC_THREAD_CACHE}=0"));
+    let mut args = std::env::args_os();
+    let Some(program) = args.next() else {
+        return;
+    };
+    // Only returns on failure; /proc may be missing in odd sandboxes.
+    let _ = Command::new("/proc/self/exe")
+        .arg0(program)
+        .args(args)
+        .env("GLIBC_TUNABLES", with_cache_off)
+        .env(RESTARTED_FOR_MALLOC, "1")
+        .exec();
 }
 
 /// Mounts and serves. In the background mode the parent process returns

@@ -17,6 +17,7 @@ fn main() -> ExitCode {
     };
     let result = match invocation {
         Invocation::Mount(request) => {
+            daemon::restart_without_malloc_thread_cache();
             // Before anything can fail, and not only in a log the caller
             // may never read.
             for warning in &request.warnings {

@@ -260,6 +260,57 @@ fn default_work_dir_is_beside_the_upper() {
     assert!(!m.path(".upper.unionfs-work").exists());
 }
 
+/// A variable of the daemon's environment as /proc shows it.
+fn daemon_env(m: &UnionMount, name: &str) -> Option<String> {
+    let environ = fs::read(format!("/proc/{}/environ", m.daemon_pid().unwrap())).unwrap();
+    let prefix = format!("{name}=");
+    environ
+        .split(|&b| b == 0)
+        .find_map(|var| var.strip_prefix(prefix.as_bytes()))
+        .map(|value| String::from_utf8_lossy(value).into_owned())
+}
+
+/// `mount` runs itself again, once, with glibc's per-thread malloc cache
+/// off (its freed blocks pin heap pages malloc_trim cannot return), and
+/// leaves a cache size the caller chose alone. (glibc 2.36 shows only the
+/// first of several tunables in /proc/PID/environ, so only a lone one is
+/// compared.)
+#[test]
+fn the_daemon_runs_with_the_malloc_thread_cache_off() {
+    let l = layout();
+    for (given, restarted, shown) in [
+        (None, true, Some("glibc.malloc.tcache_count=0")),
+        (Some("glibc.malloc.mmap_threshold=200000"), true, None),
+        (
+            Some("glibc.malloc.tcache_count=3"),
+            false,
+            Some("glibc.malloc.tcache_count=3"),
+        ),
+    ] {
+        let mut mount = Command::new(BIN);
+        mount.args([
+            "mount",
+            "--lower",
+            p(&l.lower),
+            "--upper",
+            p(&l.upper),
+            p(&l.mnt),
+        ]);
+        match given {
+            Some(value) => mount.env("GLIBC_TUNABLES", value),
+            None => mount.env_remove("GLIBC_TUNABLES"),
+        };
+        assert!(sh(&mut mount).status.success());
+        let m = UnionMount::adopt(&l.mnt);
+        assert_eq!(fs::read(m.path("file")).unwrap(), b"lower data");
+        let marker = daemon_env(&m, unionfs::daemon::RESTARTED_FOR_MALLOC);
+        assert_eq!(marker.is_some(), restarted, "{given:?}");
+        if let Some(shown) = shown {
+            assert_eq!(daemon_env(&m, "GLIBC_TUNABLES").as_deref(), Some(shown));
+        }
+    }
+}
+
 #[test]
 fn fuse_overlayfs_calling_convention() {
     let l = layout();
