@@ -47,6 +47,7 @@ use crate::read_buf::FuseReadBuf;
 use crate::reply::Reply;
 use crate::reply::ReplyRaw;
 use crate::reply::ReplySender;
+use crate::reply::ReplySink;
 use crate::request::RequestWithSender;
 
 /// The max size of write requests from the kernel. The absolute minimum is 4k,
@@ -125,7 +126,8 @@ impl Drop for UmountOnDrop {
 #[derive(Debug)]
 pub struct Session<FS: Filesystem> {
     /// Filesystem operation implementations. None after `destroy` called.
-    pub(crate) filesystem: FilesystemHolder<FS>,
+    /// Shared with the dispatchers handed out after the handshake.
+    pub(crate) filesystem: Arc<FilesystemHolder<FS>>,
     /// Communication channel to the kernel driver
     pub(crate) ch: Channel,
     /// Handle to the mount.  Dropping this unmounts.
@@ -175,9 +177,9 @@ impl<FS: Filesystem> Session<FS> {
         let ch = Channel::new(file);
 
         let mut session = Session {
-            filesystem: FilesystemHolder {
+            filesystem: Arc::new(FilesystemHolder {
                 fs: Some(filesystem),
-            },
+            }),
             ch,
             mount: UmountOnDrop {
                 mount: Arc::new(Mutex::new(Some(mount))),
@@ -203,9 +205,9 @@ impl<FS: Filesystem> Session<FS> {
     ) -> io::Result<Self> {
         let ch = Channel::new(Arc::new(DevFuse(File::from(fd))));
         let mut session = Session {
-            filesystem: FilesystemHolder {
+            filesystem: Arc::new(FilesystemHolder {
                 fs: Some(filesystem),
-            },
+            }),
             ch,
             mount: UmountOnDrop {
                 mount: Arc::new(Mutex::new(None)),
@@ -244,6 +246,29 @@ impl<FS: Filesystem> Session<FS> {
     /// # Errors
     /// Returns any final error when the session comes to an end.
     pub fn run(self) -> io::Result<()> {
+        self.run_with_workers(Vec::new())
+    }
+
+    /// Returns a dispatcher that hands requests read from elsewhere than
+    /// /dev/fuse (FUSE over io_uring) to this session's filesystem.
+    pub fn dispatcher(&self) -> Dispatcher<FS> {
+        Dispatcher {
+            event_loop: SessionEventLoop {
+                thread_name: "fuser-dispatch".to_string(),
+                filesystem: self.filesystem.clone(),
+                ch: self.ch.clone(),
+                allowed: self.allowed,
+                session_owner: self.session_owner,
+            },
+        }
+    }
+
+    /// As [`Session::run`], and joins `workers` (threads serving requests
+    /// through a [`Dispatcher`], which must end once the connection does)
+    /// before the filesystem's `destroy`.
+    /// # Errors
+    /// Returns any final error when the session comes to an end.
+    pub fn run_with_workers(self, workers: Vec<JoinHandle<()>>) -> io::Result<()> {
         let Session {
             filesystem,
             ch,
@@ -267,7 +292,7 @@ impl<FS: Filesystem> Session<FS> {
             return Err(io::Error::other("n_threads"));
         };
 
-        let mut filesystem = Arc::new(filesystem);
+        let mut filesystem = filesystem;
 
         let mut channels = Vec::with_capacity(n_threads);
 
@@ -318,6 +343,12 @@ impl<FS: Filesystem> Session<FS> {
                 if reply.is_ok() {
                     reply = Err(e);
                 }
+            }
+        }
+
+        for worker in workers {
+            if worker.join().is_err() && reply.is_ok() {
+                reply = Err(io::Error::other("request worker thread panicked"));
             }
         }
 
@@ -415,7 +446,9 @@ impl<FS: Filesystem> Session<FS> {
             let mut config = KernelConfig::new(init.capabilities(), init.max_readahead(), v);
 
             // Call filesystem init method and give it a chance to return an error
-            let Some(filesystem) = &mut self.filesystem.fs else {
+            // No dispatcher exists before the handshake is over.
+            let Some(filesystem) = Arc::get_mut(&mut self.filesystem).and_then(|h| h.fs.as_mut())
+            else {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     "Bug: filesystem must be initialized during handshake",
@@ -508,6 +541,37 @@ impl SessionUnmounter {
             mount.umount()?;
         }
         Ok(())
+    }
+}
+
+/// Hands requests to a session's filesystem from a transport of the
+/// caller's; see [`Session::dispatcher`].
+pub struct Dispatcher<FS: Filesystem> {
+    event_loop: SessionEventLoop<FS>,
+}
+
+impl<FS: Filesystem> std::fmt::Debug for Dispatcher<FS> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher").finish_non_exhaustive()
+    }
+}
+
+impl<FS: Filesystem> Dispatcher<FS> {
+    /// Decodes one request (`fuse_in_header` and its arguments, as read from
+    /// /dev/fuse) and calls the filesystem, whose reply goes to `sink`.
+    /// # Errors
+    /// Returns an error if the request cannot be decoded; nothing was sent.
+    pub fn dispatch(&self, request: &[u8], sink: Arc<dyn ReplySink>) -> io::Result<()> {
+        match RequestWithSender::with_sink(self.event_loop.ch.sender(), sink, request) {
+            Some(req) => {
+                req.dispatch(&self.event_loop);
+                Ok(())
+            }
+            None => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "invalid FUSE request",
+            )),
+        }
     }
 }
 
