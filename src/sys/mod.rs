@@ -8,6 +8,8 @@ use std::os::unix::ffi::OsStrExt;
 
 use nix::errno::Errno;
 
+pub mod fuse_ring;
+
 /// Names an object for the xattr calls, which have no `*at` form that takes an
 /// `O_PATH` descriptor: either the object an fd refers to, or the entry `name`
 /// inside the directory fd (never following a symlink at `name`).
