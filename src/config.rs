@@ -63,6 +63,9 @@ pub struct MountOptions {
     /// (`nocache_readdir`): every listing is asked of the daemon, and a
     /// mount keeps no page per directory it listed.
     pub nocache_readdir: bool,
+    /// Serve requests over io_uring where the kernel offers it (the
+    /// default; `noio_uring` keeps to /dev/fuse).
+    pub io_uring: bool,
     /// Who besides the mounting user may use the mount.
     pub access: Access,
 }
@@ -110,6 +113,7 @@ impl Default for MountOptions {
             static_nlink: false,
             noacl: false,
             nocache_readdir: false,
+            io_uring: true,
             access: Access::Default,
         }
     }
@@ -189,6 +193,8 @@ const FLAGS: &[&str] = &[
     "static_nlink",
     "noacl",
     "nocache_readdir",
+    "io_uring",
+    "noio_uring",
     "allow_other",
     "allow_root",
 ];
@@ -260,6 +266,8 @@ pub fn apply_options(req: &mut MountRequest, arg: &str) -> Result<(), ConfigErro
             ("static_nlink", None) => req.options.static_nlink = true,
             ("noacl", None) => req.options.noacl = true,
             ("nocache_readdir", None) => req.options.nocache_readdir = true,
+            ("io_uring", None) => req.options.io_uring = true,
+            ("noio_uring", None) => req.options.io_uring = false,
             ("nodev", None) => req.options.nodev = true,
             ("nosuid", None) => req.options.nosuid = true,
             ("noexec", None) => req.options.noexec = true,

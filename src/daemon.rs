@@ -24,7 +24,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::cli::UmountArgs;
 use crate::config::{Access, ValidMount, mounted_by_unionfs};
-use crate::fuse::{AdapterOptions, AsyncNotifier, UnionFs};
+use crate::fuse::{AdapterOptions, AsyncNotifier, Rings, UnionFs};
 use crate::overlay::idmap::{self, IdShift};
 use crate::overlay::{Overlay, OverlayConfig};
 use crate::sys::{self, Forked};
@@ -519,6 +519,7 @@ fn serve(mount: &ValidMount, ready: &mut ReadyPipe) -> Result<(), String> {
         }
     })?;
     let core = Arc::new(core);
+    let rings = mount.options.io_uring.then(prepare_rings).flatten();
     let fs = UnionFs::new(
         core.clone(),
         AdapterOptions {
@@ -527,11 +528,27 @@ fn serve(mount: &ValidMount, ready: &mut ReadyPipe) -> Result<(), String> {
             posix_acl: !mount.options.noacl,
             answer_opendir: mount.options.access == Access::AllowRoot,
             cache_listings: !mount.options.nocache_readdir,
+            offer_io_uring: rings.is_some(),
         },
     )
     .map_err(|e| format!("spawn memory thread: {e}"))?;
     let request_counts = fs.request_counts();
+    let io_uring_taken = fs.io_uring_taken();
     let session = start_session(fs, mount)?;
+    // Before anything else touches the mount: the kernel holds every
+    // request until each queue has a ring entry.
+    let ring_threads = match rings {
+        Some(rings) if io_uring_taken.load(std::sync::atomic::Ordering::Relaxed) => {
+            rings.start(&session).map_err(|e| {
+                format!(
+                    "cannot serve FUSE over io_uring: {e} (mount with -o noio_uring to use \
+                     /dev/fuse alone)"
+                )
+            })?
+        }
+        _ => Vec::new(),
+    };
+    info!(io_uring = !ring_threads.is_empty(), "transport");
     info!(mountpoint = %mount.mountpoint.display(), layers = core.layers().len(), "mounted");
     let layer_dirs: Vec<PathBuf> = mount.upper.iter().chain(&mount.lowers).cloned().collect();
     crate::readahead::match_layers(
@@ -563,7 +580,7 @@ fn serve(mount: &ValidMount, ready: &mut ReadyPipe) -> Result<(), String> {
     ready.ready();
     // What parsing, mounting and the caller's half of the fork left free.
     sys::release_free_memory();
-    let result = session.run();
+    let result = session.run_with_workers(ring_threads);
     // A new mount on the same mountpoint may already have written its own
     // pid there: remove the file only while it is still ours.
     if let Some(path) = pid_file
@@ -572,6 +589,23 @@ fn serve(mount: &ValidMount, ready: &mut ReadyPipe) -> Result<(), String> {
         let _ = fs::remove_file(path);
     }
     result.map_err(|e| format!("FUSE session ended with an error: {e}"))
+}
+
+/// Rings for FUSE over io_uring, unless the kernel has it switched off or
+/// io_uring is not allowed here (then /dev/fuse alone serves).
+fn prepare_rings() -> Option<Rings> {
+    let enabled = fs::read_to_string("/sys/module/fuse/parameters/enable_uring");
+    if enabled.is_ok_and(|v| v.trim() == "N") {
+        return None;
+    }
+    let payload = crate::fuse::MAX_WRITE.max(crate::fuse::MAX_READAHEAD) as usize;
+    match Rings::prepare(payload) {
+        Ok(rings) => Some(rings),
+        Err(e) => {
+            debug!(error = %e, "no FUSE over io_uring: cannot make the rings");
+            None
+        }
+    }
 }
 
 /// The termination signals, and SIGUSR1, which logs the request counts.

@@ -6,6 +6,7 @@ mod notify;
 mod passthrough;
 mod read_buffers;
 mod release;
+mod ring;
 mod stats;
 
 use std::ffi::OsStr;
@@ -32,12 +33,14 @@ pub use notify::AsyncNotifier;
 use passthrough::{Backings, LowerPinned, OpenIo};
 use read_buffers::ReadBuffers;
 use release::MemoryReleaser;
+pub use ring::Rings;
 use stats::Op;
 pub use stats::RequestCounts;
 
 /// The largest read the kernel sends in one request (fuser sizes max_pages
 /// from it), in bytes.
 pub const MAX_READAHEAD: u32 = 1 << 20;
+pub const MAX_WRITE: u32 = 1 << 20;
 
 /// Lower layers are immutable while mounted: the kernel may cache them as
 /// long as it likes.
@@ -76,6 +79,8 @@ pub struct AdapterOptions {
     /// (`nocache_readdir`), OPENDIR, READDIR and RELEASEDIR go to the daemon
     /// at every listing.
     pub cache_listings: bool,
+    /// Offer the kernel FUSE over io_uring (the daemon has its rings).
+    pub offer_io_uring: bool,
 }
 
 pub struct UnionFs {
@@ -88,6 +93,8 @@ pub struct UnionFs {
     read_buffers: ReadBuffers,
     releaser: MemoryReleaser,
     counts: Arc<RequestCounts>,
+    /// The kernel took FUSE over io_uring (decided at init).
+    io_uring: Arc<AtomicBool>,
 }
 
 impl UnionFs {
@@ -102,7 +109,14 @@ impl UnionFs {
             backings: Backings::default(),
             read_buffers: ReadBuffers::default(),
             counts: Arc::default(),
+            io_uring: Arc::default(),
         })
+    }
+
+    /// Set once the kernel's INIT took FUSE over io_uring: the rings must
+    /// then be registered before any other request is answered.
+    pub fn io_uring_taken(&self) -> Arc<AtomicBool> {
+        self.io_uring.clone()
     }
 
     /// The request counters, for the daemon to log on SIGUSR1.
@@ -254,7 +268,17 @@ impl Filesystem for UnionFs {
             && config
                 .capabilities()
                 .contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
-        let _ = config.set_max_write(1 << 20);
+        if self.options.offer_io_uring {
+            if config
+                .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
+                .is_ok()
+            {
+                self.io_uring.store(true, Ordering::Relaxed);
+            } else {
+                debug!("kernel offers no FUSE over io_uring (fuse.enable_uring=N)");
+            }
+        }
+        let _ = config.set_max_write(MAX_WRITE);
         if let Err(max) = config.set_max_readahead(MAX_READAHEAD) {
             let _ = config.set_max_readahead(max);
         }
