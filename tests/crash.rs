@@ -610,7 +610,15 @@ fn traced_run(lower: &Path, dir: &Path, trace: &str, inject: Option<(&str, usize
     fs::create_dir_all(&mnt).unwrap();
     let out = dir.join("strace.out");
     let err = dir.join("strace.err");
-    let mut mount = UnionMount::mount(&[lower], Some(&upper), &mnt, &["--threads", "1"]);
+    // One thread reading /dev/fuse and writev(2) for every reply: the probes
+    // below rely on both, and the changes to the upper are the same over
+    // any transport.
+    let mut mount = UnionMount::mount(
+        &[lower],
+        Some(&upper),
+        &mnt,
+        &["--threads", "1", "-o", "noio_uring"],
+    );
     let pid = mount.daemon_pid().expect("daemon pid");
     let daemon = Daemon::new(pid);
     let mut cmd = Command::new("strace");

@@ -12,8 +12,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const URING_PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
-
 /// The example as `cargo test` builds it, beside this test's binary.
 fn example() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
@@ -142,15 +140,9 @@ fn classic_transport_serves_a_tree() {
     assert_eq!(count(&report, "ring"), 0, "{report}");
 }
 
-/// Needs enable_uring=Y, which this test does not set: the parameter is the
-/// whole machine's, and every FUSE mount made meanwhile would be offered
-/// io_uring. scripts/transport_bench.py sets it for its run.
 #[test]
-#[ignore = "needs fuse.enable_uring=Y, machine-wide: run with --ignored after setting it"]
 fn uring_transport_serves_a_tree() {
-    if !fs::read_to_string(URING_PARAM).is_ok_and(|v| v.trim() == "Y") {
-        panic!("{URING_PARAM} is not Y: set it (as root) to run this test");
-    }
+    let _param = UringParam::set(true);
     let scratch = Scratch::new();
     let mnt = scratch.mkdir("mnt");
     let server = Server::start(&mnt, "uring");

@@ -776,3 +776,35 @@ pub fn rootless_user() -> u32 {
     }
     String::from_utf8_lossy(&id.stdout).trim().parse().unwrap()
 }
+
+pub const URING_PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
+
+static PARAM_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// `fuse.enable_uring` (the machine's) set for one test, and put back on
+/// drop. The tests that set it hold one lock while they do, and cargo runs
+/// test binaries one at a time, so no other mount of the tests sees it
+/// change under it.
+pub struct UringParam {
+    before: String,
+    _lock: std::sync::MutexGuard<'static, ()>,
+}
+
+impl UringParam {
+    pub fn set(on: bool) -> UringParam {
+        let lock = PARAM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let before = fs::read_to_string(URING_PARAM)
+            .unwrap_or_else(|e| panic!("{URING_PARAM}: {e} (a kernel without FUSE over io_uring)"));
+        fs::write(URING_PARAM, if on { "Y" } else { "N" }).unwrap();
+        UringParam {
+            before: before.trim().to_string(),
+            _lock: lock,
+        }
+    }
+}
+
+impl Drop for UringParam {
+    fn drop(&mut self) {
+        let _ = fs::write(URING_PARAM, &self.before);
+    }
+}
