@@ -767,6 +767,7 @@ mod tests {
             "static_nlink=yes",
             "noacl=0",
             "nocache_readdir=1",
+            "noio_uring=yes",
         ] {
             let mut req = MountRequest::default();
             let err = apply_options(&mut req, bad).expect_err(bad);
@@ -781,7 +782,12 @@ mod tests {
         assert_eq!(req.threads, Some(3));
         assert!(req.options.lower_passthrough && req.options.read_only);
         assert!(req.options.nocache_readdir);
+        assert!(req.options.io_uring, "io_uring is the default");
         assert!(req.warnings.is_empty(), "{:?}", req.warnings);
+        apply_options(&mut req, "noio_uring").unwrap();
+        assert!(!req.options.io_uring);
+        apply_options(&mut req, "io_uring").unwrap();
+        assert!(req.options.io_uring);
     }
 
     #[test]
