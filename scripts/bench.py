@@ -106,12 +106,12 @@ class Impl:
     def __init__(self, name, command):
         self.name, self._command = name, command
 
-    def mount(self, layers, upper, work, mnt, preexec_fn=None):
-        """Mounts and returns the seconds until the mount answered (its root
-        listed)."""
+    def mount(self, layers, upper, work, mnt, preexec_fn=None, extra=""):
+        """Mounts (`extra` appended to the command) and returns the seconds
+        until the mount answered (its root listed)."""
         lowers = ":".join(os.path.join(layers, n) for n in ("thin2", "thin1", "base"))
         t0 = time.perf_counter()
-        sh(self._command(lowers, upper, work, mnt), preexec_fn=preexec_fn)
+        sh(f"{self._command(lowers, upper, work, mnt)} {extra}", preexec_fn=preexec_fn)
         deadline = time.time() + 20
         while not os.path.ismount(mnt):
             if time.time() > deadline:
@@ -158,6 +158,8 @@ def implementations(unionfs, fo1, fo2):
                       f"{unionfs} mount --lower {l} --upper {u} --work {w} {m}"))
     impls.append(Impl("unionfs-passthrough-upper", lambda l, u, w, m:
                       f"{unionfs} mount --lower {l} --upper {u} --work {w} {m} -o passthrough=upper"))
+    impls.append(Impl("unionfs-dev-fuse", lambda l, u, w, m:
+                      f"{unionfs} mount --lower {l} --upper {u} --work {w} {m} -o noio_uring"))
     impls.append(Impl("unionfs-nocache-readdir", lambda l, u, w, m:
                       f"{unionfs} mount --lower {l} --upper {u} --work {w} {m} -o nocache_readdir"))
     return impls
@@ -831,6 +833,11 @@ def write_report(data, args, path, png, mounts_png, data_file):
                 "the daemon, the default before; see README).\n\n")
         f.write(f"Command: `{meta['command']}` (commit {meta['commit']}, {meta['date']}, "
                 f"{meta['minutes']:.0f} minutes)\n\n")
+        uring = meta.get("enable_uring", "?")
+        f.write(f"`fuse.enable_uring` was {uring} for the run: unionfs served FUSE over "
+                f"{'io_uring' if uring == 'Y' else '/dev/fuse'}"
+                f"{' (`unionfs-dev-fuse`: over /dev/fuse, `-o noio_uring`)' if uring == 'Y' else ''}. "
+                "Round trips are counted over /dev/fuse.\n\n")
         f.write(f"Machine: {os.cpu_count()} cores, Linux {uname.release}, layers on "
                 f"{sh('findmnt -no FSTYPE -T ' + args.workdir).strip()}. Every run in "
                 f"`{os.path.basename(data_file)}`.\n\n")
@@ -887,7 +894,10 @@ def run_workloads(args, impls, ctx):
             os.makedirs(d)
         # Writeback left by the previous run must not land in this one.
         os.sync()
-        impl.mount(ctx.layers, upper, work, mnt)
+        # The kernel sends the same requests over either transport, but
+        # strace sees them as reads of /dev/fuse only without io_uring.
+        counted_over_dev_fuse = count and impl.name.startswith("unionfs")
+        impl.mount(ctx.layers, upper, work, mnt, extra="-o noio_uring" if counted_over_dev_fuse else "")
         try:
             pid = impl.daemon_pid(mnt)
             ctx.count_pid, ctx.round_trips = (pid if count else None), None
@@ -943,7 +953,11 @@ def main():
     ap.add_argument("--fuse-overlayfs-2", default="/opt/fuse-overlayfs2/bin/fuse-overlayfs")
     ap.add_argument("--only", default="", help="comma-separated workload name prefixes")
     ap.add_argument("--impls", default=DEFAULT_IMPLS,
-                    help="comma-separated implementations to run (also: unionfs-nocache-readdir)")
+                    help="comma-separated implementations to run (also: unionfs-nocache-readdir, "
+                    "unionfs-dev-fuse)")
+    ap.add_argument("--io-uring", choices=["on", "off", "keep"], default="on",
+                    help="set fuse.enable_uring (Y or N) for the run and put it back after; unionfs "
+                    "serves FUSE over io_uring where the kernel offers it (default: on)")
     ap.add_argument("--mounts", default="1,10,50", help="many mounts: comma-separated numbers of mounts")
     ap.add_argument("--mounts-files", type=int, default=20000, help="many mounts: small files in the layers")
     ap.add_argument("--mounts-big-mib", type=int, default=256, help="many mounts: size of the big file")
@@ -975,6 +989,43 @@ def main():
     if unknown:
         sys.exit(f"bench: unknown or missing implementations: {', '.join(sorted(unknown))}")
     data = {}
+    uring_before = set_enable_uring(args.io_uring)
+    try:
+        run_all(args, impls, data)
+    finally:
+        if uring_before is not None:
+            with open(URING_PARAM, "w") as f:
+                f.write(uring_before)
+    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    data["meta"] = {"command": " ".join(["scripts/bench.sh"] + sys.argv[1:]), "commit": commit or "?",
+                    "date": time.strftime("%Y-%m-%d"), "minutes": (time.time() - start) / 60,
+                    "rounds": args.rounds, "impls": [i.name for i in impls],
+                    "enable_uring": data.pop("enable_uring")}
+    finish(args, data, png, mounts_png, data_file)
+
+
+URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
+
+
+def set_enable_uring(choice):
+    """Sets fuse.enable_uring as asked; returns the value to put back (None
+    when nothing was changed)."""
+    if choice == "keep" or not os.path.exists(URING_PARAM):
+        return None
+    with open(URING_PARAM) as f:
+        before = f.read().strip()
+    with open(URING_PARAM, "w") as f:
+        f.write("Y" if choice == "on" else "N")
+    return before
+
+
+def run_all(args, impls, data):
+    try:
+        with open(URING_PARAM) as f:
+            data["enable_uring"] = f.read().strip()
+    except OSError:
+        data["enable_uring"] = "absent"
     if not args.many_mounts_only:
         ctx = Ctx()
         ctx.layers, ctx.workdir = os.path.join(args.workdir, "layers"), args.workdir
@@ -984,11 +1035,8 @@ def main():
     if not args.no_many_mounts:
         data["mounts"] = many_mounts(args, impls)
 
-    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()
-    data["meta"] = {"command": " ".join(["scripts/bench.sh"] + sys.argv[1:]), "commit": commit or "?",
-                    "date": time.strftime("%Y-%m-%d"), "minutes": (time.time() - start) / 60,
-                    "rounds": args.rounds, "impls": [i.name for i in impls]}
+
+def finish(args, data, png, mounts_png, data_file):
     data["goals"] = goal_rows(data)
     if data.get("workloads"):
         print(workloads_table(data, data["meta"]["impls"]))
