@@ -181,3 +181,76 @@ fn with_the_kernel_side_off_a_mount_uses_dev_fuse() {
         "{before:?} {after:?}"
     );
 }
+
+/// A sysctl of the machine's, set for one test and put back on drop (the
+/// caller holds `UringParam`'s lock).
+struct Sysctl {
+    path: &'static str,
+    before: String,
+}
+
+impl Sysctl {
+    fn set(path: &'static str, value: &str) -> Sysctl {
+        let before = fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        fs::write(path, value).unwrap();
+        Sysctl {
+            path,
+            before: before.trim().to_string(),
+        }
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        let _ = fs::write(self.path, &self.before);
+    }
+}
+
+#[test]
+fn where_io_uring_is_not_allowed_a_mount_uses_dev_fuse() {
+    let _param = UringParam::set(true);
+    // 2: io_uring_setup fails for every process; the kernel's FUSE still
+    // offers the transport at INIT.
+    let _disabled = Sysctl::set("/proc/sys/kernel/io_uring_disabled", "2");
+    let (before, after) = compare_with_kernel(&[]);
+    assert!(
+        before.is_empty() && after.is_empty(),
+        "{before:?} {after:?}"
+    );
+}
+
+#[test]
+fn a_killed_daemon_leaves_no_hanging_requests() {
+    let _param = UringParam::set(true);
+    let s = Scratch::new();
+    let lower = lower_tree(&s);
+    let mut m = UnionMount::mount(&[&lower], Some(&s.mkdir("upper")), &s.mkdir("mnt"), &[]);
+    let pid = m.daemon_pid().expect("daemon pid");
+    assert!(!ring_threads(pid).is_empty(), "served over io_uring");
+    assert_eq!(fs::read(m.path("appended")).unwrap(), b"lower data\n");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until(|| process_gone(pid));
+    // Requests after the daemon died fail at once instead of
+    // waiting for rings nobody serves; the stat runs in a child so that a
+    // hang fails the test instead of blocking it.
+    let out = run_with_timeout(
+        Command::new("stat").arg(m.path("dir")),
+        std::time::Duration::from_secs(20),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        // ENOTCONN or ECONNABORTED, as over /dev/fuse, or ECANCELED from
+        // the rings the kernel tore down.
+        ["not connected", "connection abort", "canceled"]
+            .iter()
+            .any(|e| stderr.contains(e)),
+        "{stderr}"
+    );
+    m.unmount();
+    assert!(!is_mounted(&m.mountpoint));
+}
