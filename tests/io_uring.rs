@@ -162,6 +162,19 @@ fn a_default_mount_serves_over_io_uring_where_the_kernel_offers_it() {
     );
 }
 
+/// Without passthrough, file data goes through the daemon: WRITE requests
+/// and READ replies of up to max_write fill the ring entries' payloads.
+#[test]
+fn data_through_the_daemon_fits_the_ring_entries() {
+    let _param = UringParam::set(true);
+    let (before, after) = compare_with_kernel(&["-o", "nopassthrough"]);
+    assert!(!before.is_empty(), "served over io_uring");
+    assert!(
+        after.iter().map(|t| t.1).sum::<u64>() > before.iter().map(|t| t.1).sum::<u64>() + 100,
+        "{before:?} -> {after:?}"
+    );
+}
+
 #[test]
 fn noio_uring_keeps_to_dev_fuse() {
     let _param = UringParam::set(true);
