@@ -896,19 +896,6 @@ mod uring {
         pub flags: RingFlags,
     }
 
-    /// The number of queues the kernel makes: num_possible_cpus().
-    pub fn possible_cpus() -> usize {
-        let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")
-            .expect("read /sys/devices/system/cpu/possible");
-        text.trim()
-            .split(',')
-            .map(|part| match part.split_once('-') {
-                Some((a, b)) => b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1,
-                None => 1,
-            })
-            .sum()
-    }
-
     pub fn queue_loop(fs: &Fs, dev: &OwnedFd, qid: usize, opts: &Options, gate: &Gate) {
         if opts.pin {
             let mut set = nix::sched::CpuSet::new();
@@ -1116,7 +1103,7 @@ fn main() -> std::process::ExitCode {
             pin: !args.no_pin,
             flags: args.ring_flags,
         });
-        for qid in 0..uring::possible_cpus() {
+        for qid in 0..unionfs::sys::fuse_ring::queue_count().expect("count the CPUs") {
             let (fs, gate, dev, opts) = (fs.clone(), gate.clone(), dev.clone(), opts.clone());
             threads.push(std::thread::spawn(move || {
                 uring::queue_loop(&fs, &dev, qid, &opts, &gate)

@@ -134,23 +134,12 @@ fn compare_with_kernel(options: &[&str]) -> (RingThreads, RingThreads) {
     (before, after)
 }
 
-fn possible_cpus() -> usize {
-    let text = fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
-    text.trim()
-        .split(',')
-        .map(|part| match part.split_once('-') {
-            Some((a, b)) => b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1,
-            None => 1,
-        })
-        .sum()
-}
-
 #[test]
 fn a_default_mount_serves_over_io_uring_where_the_kernel_offers_it() {
     let _param = UringParam::set(true);
     let (before, after) = compare_with_kernel(&[]);
     assert!(
-        before.len() >= possible_cpus(),
+        before.len() >= unionfs::sys::fuse_ring::queue_count().unwrap(),
         "a ring thread per CPU at least: {before:?}"
     );
     let woken = |threads: &RingThreads| threads.iter().map(|t| t.1).sum::<u64>();

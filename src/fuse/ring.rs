@@ -22,7 +22,7 @@ use fuser::{Dispatcher, Filesystem, ReplySink, Session};
 use parking_lot::Mutex;
 use tracing::{debug, error, warn};
 
-use crate::sys::fuse_ring::{Completion, FuseRing, RingRequest};
+use crate::sys::fuse_ring::{Completion, FuseRing, RingRequest, queue_count};
 
 /// Threads per queue. With one, a slow request (an fsync, a large
 /// copy-up) would hold every other request of callers on that CPU.
@@ -43,7 +43,7 @@ impl Rings {
     /// replies of `payload_len` bytes (at least the mount's max_write and
     /// readahead).
     pub fn prepare(payload_len: usize) -> io::Result<Rings> {
-        let queues = possible_cpus()?;
+        let queues = queue_count()?;
         let mut rings = Vec::with_capacity(queues * THREADS_PER_QUEUE);
         for qid in 0..queues {
             let qid = u16::try_from(qid).map_err(|_| io::Error::other("too many CPUs"))?;
@@ -72,35 +72,6 @@ impl Rings {
         debug!(threads = threads.len(), "serving FUSE over io_uring");
         Ok(threads)
     }
-}
-
-/// The CPUs the kernel may ever run a caller on: its queue count.
-fn possible_cpus() -> io::Result<usize> {
-    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
-    parse_cpu_list(&text).ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("cannot read CPU list '{}'", text.trim()),
-        )
-    })
-}
-
-/// The number of CPUs in a list like "0-3,8".
-fn parse_cpu_list(text: &str) -> Option<usize> {
-    let mut count = 0;
-    for part in text.trim().split(',') {
-        count += match part.split_once('-') {
-            Some((first, last)) => {
-                let (first, last) = (first.parse::<usize>().ok()?, last.parse::<usize>().ok()?);
-                last.checked_sub(first)? + 1
-            }
-            None => {
-                part.parse::<usize>().ok()?;
-                1
-            }
-        };
-    }
-    Some(count)
 }
 
 /// The reply to the request being served, caught from fuser.
@@ -239,15 +210,6 @@ fn refused(qid: u16, why: &str) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cpu_lists_count_every_cpu() {
-        assert_eq!(parse_cpu_list("0-1\n"), Some(2));
-        assert_eq!(parse_cpu_list("0"), Some(1));
-        assert_eq!(parse_cpu_list("0-3,8,10-11"), Some(7));
-        assert_eq!(parse_cpu_list("3-1"), None);
-        assert_eq!(parse_cpu_list("x"), None);
-    }
 
     #[test]
     fn a_caught_reply_is_taken_once() {

@@ -252,6 +252,36 @@ impl FuseRing {
     }
 }
 
+/// The number of queues the kernel makes for a connection: one per CPU it
+/// may ever run a caller on (num_possible_cpus()).
+pub fn queue_count() -> io::Result<usize> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
+    parse_cpu_list(&text).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("cannot read CPU list '{}'", text.trim()),
+        )
+    })
+}
+
+/// The number of CPUs in a list like "0-3,8".
+fn parse_cpu_list(text: &str) -> Option<usize> {
+    let mut count = 0;
+    for part in text.trim().split(',') {
+        count += match part.split_once('-') {
+            Some((first, last)) => {
+                let (first, last) = (first.parse::<usize>().ok()?, last.parse::<usize>().ok()?);
+                last.checked_sub(first)? + 1
+            }
+            None => {
+                part.parse::<usize>().ok()?;
+                1
+            }
+        };
+    }
+    Some(count)
+}
+
 /// `struct fuse_uring_cmd_req`, in the command area of a 128-byte SQE.
 fn cmd_req(commit_id: u64, qid: u16) -> [u8; 80] {
     let mut cmd = [0u8; 80];
@@ -284,6 +314,15 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_lists_count_every_cpu() {
+        assert_eq!(parse_cpu_list("0-1\n"), Some(2));
+        assert_eq!(parse_cpu_list("0"), Some(1));
+        assert_eq!(parse_cpu_list("0-3,8,10-11"), Some(7));
+        assert_eq!(parse_cpu_list("3-1"), None);
+        assert_eq!(parse_cpu_list("x"), None);
+    }
 
     #[test]
     fn the_sqe_length_lands_where_the_kernel_reads_it() {
