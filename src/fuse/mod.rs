@@ -40,6 +40,8 @@ pub use stats::RequestCounts;
 /// The largest read the kernel sends in one request (fuser sizes max_pages
 /// from it), in bytes.
 pub const MAX_READAHEAD: u32 = 1 << 20;
+/// The largest WRITE the kernel sends (max_write), in bytes; with
+/// MAX_READAHEAD it sizes the ring entries' payload buffers.
 pub const MAX_WRITE: u32 = 1 << 20;
 
 /// Lower layers are immutable while mounted: the kernel may cache them as
