@@ -10,6 +10,7 @@ import argparse
 import collections
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -850,7 +851,7 @@ def write_report(data, args, path, png, mounts_png, data_file):
             f.write(f"\n## Workloads\n\n{meta['rounds']} rounds (copy-up in page cache: at least 5), "
                     f"{args.files} small files in {tree_dirs(args.files)} "
                     f"directories over 3 lowers + {args.big_mib} MiB file + {args.wide}-entry directory; "
-                    "implementations interleaved (each round starts one implementation later), each run on a fresh mount.\n\n")
+                    "implementations interleaved (in another order each round), each run on a fresh mount.\n\n")
             f.write(workloads_table(data, meta["impls"]) + "\n")
             f.write(f"\n![ratios]({os.path.basename(png)})\n")
         if data.get("mounts"):
@@ -915,11 +916,16 @@ def run_workloads(args, impls, ctx):
         for w in chosen:
             if rnd >= max(args.rounds, w.min_rounds):
                 continue
-            # Each round starts one implementation later: what one run
-            # leaves behind (the ext4 below makes new inodes slowly for a
-            # while after many deletions) must not always fall on the same
-            # implementation.
-            for impl in impls[rnd % len(impls):] + impls[:rnd % len(impls)]:
+            # Each round after the first runs the implementations in another
+            # order (seeded, so reruns repeat it): what one run leaves
+            # behind (the ext4 below makes new inodes slowly for a while
+            # after many deletions) must not always fall on the same
+            # implementation. Rotating the order was not enough: every
+            # implementation kept the same predecessor.
+            order = list(impls)
+            if rnd:
+                random.Random(rnd).shuffle(order)
+            for impl in order:
                 value = run(impl, w, False)
                 results[(w.name, impl.name)].append(value)
                 line = f"round {rnd + 1} {w.name:46} {impl.name:24} {value:10.2f} {w.unit}"
