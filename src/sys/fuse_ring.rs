@@ -185,7 +185,8 @@ impl FuseRing {
 
     /// Appends the request in `entry` to `out` as read(2) from /dev/fuse
     /// would return it: `fuse_in_header`, the per-opcode argument, the
-    /// rest. None if the lengths the kernel wrote do not fit together.
+    /// rest. None if the lengths the kernel wrote do not fit together;
+    /// `out` then holds the header alone, for the error reply's `unique`.
     pub fn request_bytes(&self, entry: usize, out: &mut Vec<u8>) -> Option<()> {
         let buffers = &self.entries[entry];
         if buffers.with_kernel {
@@ -194,6 +195,7 @@ impl FuseRing {
         // SAFETY: the entry is ours until `commit` (with_kernel is false);
         // the header holds HEADER_SIZE bytes.
         let header = unsafe { std::slice::from_raw_parts(buffers.header, HEADER_SIZE) };
+        out.extend_from_slice(&header[..FUSE_IN_HEADER_SIZE]);
         let total = u32_at(header, 0) as usize;
         let payload_len = u32_at(header, PAYLOAD_SIZE_AT) as usize;
         // The kernel fills in the header's length as for /dev/fuse, so what
@@ -204,7 +206,6 @@ impl FuseRing {
         }
         // SAFETY: as above; payload_len is within the payload buffer.
         let payload = unsafe { std::slice::from_raw_parts(buffers.payload, payload_len) };
-        out.extend_from_slice(&header[..FUSE_IN_HEADER_SIZE]);
         out.extend_from_slice(&header[IN_OUT_SIZE..IN_OUT_SIZE + arg_len]);
         out.extend_from_slice(payload);
         Some(())
