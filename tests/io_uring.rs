@@ -184,36 +184,12 @@ fn with_the_kernel_side_off_a_mount_uses_dev_fuse() {
     );
 }
 
-/// A sysctl of the machine's, set for one test and put back on drop (the
-/// caller holds `UringParam`'s lock).
-struct Sysctl {
-    path: &'static str,
-    before: String,
-}
-
-impl Sysctl {
-    fn set(path: &'static str, value: &str) -> Sysctl {
-        let before = fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        fs::write(path, value).unwrap();
-        Sysctl {
-            path,
-            before: before.trim().to_string(),
-        }
-    }
-}
-
-impl Drop for Sysctl {
-    fn drop(&mut self) {
-        let _ = fs::write(self.path, &self.before);
-    }
-}
-
 #[test]
 fn where_io_uring_is_not_allowed_a_mount_uses_dev_fuse() {
     let _param = UringParam::set(true);
     // 2: io_uring_setup fails for every process; the kernel's FUSE still
     // offers the transport at INIT.
-    let _disabled = Sysctl::set("/proc/sys/kernel/io_uring_disabled", "2");
+    let _disabled = KernelParam::set("/proc/sys/kernel/io_uring_disabled", "2");
     let (before, after) = compare_with_kernel(&[]);
     assert!(
         before.is_empty() && after.is_empty(),

@@ -781,30 +781,46 @@ pub const URING_PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
 
 static PARAM_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// `fuse.enable_uring` (the machine's) set for one test, and put back on
-/// drop. The tests that set it hold one lock while they do, and cargo runs
-/// test binaries one at a time, so no other mount of the tests sees it
-/// change under it.
-pub struct UringParam {
+/// A machine-wide kernel parameter (/sys/module, /proc/sys) set for one
+/// test, and put back on drop.
+pub struct KernelParam {
+    path: &'static str,
     before: String,
+}
+
+impl KernelParam {
+    pub fn set(path: &'static str, value: &str) -> KernelParam {
+        let before = fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        fs::write(path, value).unwrap_or_else(|e| panic!("write {path}: {e}"));
+        KernelParam {
+            path,
+            before: before.trim().to_string(),
+        }
+    }
+}
+
+impl Drop for KernelParam {
+    fn drop(&mut self) {
+        let _ = fs::write(self.path, &self.before);
+    }
+}
+
+/// `fuse.enable_uring` (the machine's) set for one test, and put back on
+/// drop. The tests that set it, or other parameters beside it, hold one
+/// lock while they do, and cargo runs test binaries one at a time, so no
+/// other mount of the tests sees it change under it. Declared before the
+/// lock, the parameter is put back before the lock is released.
+pub struct UringParam {
+    _param: KernelParam,
     _lock: std::sync::MutexGuard<'static, ()>,
 }
 
 impl UringParam {
     pub fn set(on: bool) -> UringParam {
         let lock = PARAM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        let before = fs::read_to_string(URING_PARAM)
-            .unwrap_or_else(|e| panic!("{URING_PARAM}: {e} (a kernel without FUSE over io_uring)"));
-        fs::write(URING_PARAM, if on { "Y" } else { "N" }).unwrap();
         UringParam {
-            before: before.trim().to_string(),
+            _param: KernelParam::set(URING_PARAM, if on { "Y" } else { "N" }),
             _lock: lock,
         }
-    }
-}
-
-impl Drop for UringParam {
-    fn drop(&mut self) {
-        let _ = fs::write(URING_PARAM, &self.before);
     }
 }
